@@ -1,0 +1,1 @@
+"""otaflow: a firmware release pipeline on Temporal."""

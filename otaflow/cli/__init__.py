@@ -1,0 +1,17 @@
+"""The ``otaflow`` command line: local stack, releases, simulated fleets, tokens."""
+
+from __future__ import annotations
+
+import typer
+
+from otaflow.cli import dev, release, sim, tokens
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app.add_typer(dev.app, name="dev")
+app.add_typer(release.app, name="release")
+app.add_typer(sim.app, name="sim")
+app.add_typer(tokens.app, name="tokens")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,76 @@
+"""Exceptions of otaflow.
+
+Every error the project raises on purpose derives from ``OtaflowError``::
+
+    OtaflowError
+    ├── InvalidInputError        a field from CI, a browser, a file or a device is invalid
+    │   └── PolicyError          a rollout policy file is invalid
+    ├── ConflictError            the request contradicts what is already stored
+    ├── NotFoundError            a release, device or object does not exist
+    ├── ManifestRejectedError    a device rejects a manifest or image (typed reason)
+    ├── StorageError             the object store failed or holds something unexpected
+    └── StackError               a local-stack service cannot start or is unhealthy
+
+Third-party errors are translated into these once, where otaflow calls the
+library, so callers handle one family.
+"""
+
+from __future__ import annotations
+
+
+class OtaflowError(Exception):
+    """Base class of every error that otaflow raises on purpose."""
+
+
+class InvalidInputError(OtaflowError):
+    """A field of a request, file or message is invalid.
+
+    ``field`` names the field as the user wrote it (``version``,
+    ``stages[1].percent``), ``value`` is what was given, and the message says
+    what was expected and how to fix it.
+    """
+
+    def __init__(self, field: str, value: object, message: str) -> None:
+        self.field = field
+        self.value = value
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class PolicyError(InvalidInputError):
+    """A rollout policy is invalid."""
+
+
+class ConflictError(OtaflowError):
+    """The request contradicts stored state, for example a reused version."""
+
+
+class NotFoundError(OtaflowError):
+    """A release, device, firmware build or object does not exist."""
+
+    def __init__(self, kind: str, key: str) -> None:
+        self.kind = kind
+        self.key = key
+        super().__init__(f"{kind} {key!r} not found")
+
+
+class ManifestRejectedError(OtaflowError):
+    """A device rejected a manifest or an image.
+
+    ``reason`` is one of the typed reasons of the MQTT contract
+    (``signature_invalid``, ``hash_mismatch``, ...) so that the server can count
+    failures by cause.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class StorageError(OtaflowError):
+    """The object store failed, or holds something other than expected."""
+
+
+class StackError(OtaflowError):
+    """A service of the local stack cannot start or does not become healthy."""

@@ -1,0 +1,207 @@
+"""Database tables (SQLModel over SQLAlchemy; SQLite by default, PostgreSQL in production).
+
+Per-device events never pass through workflow history: the ingest writes them
+here and the release workflow's activities read aggregates. ``ReleaseTarget``
+is the hot table: one row per device per release, updated in place with a
+forward-only state rank so that repeated or reordered messages are harmless.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Dialect, Index, Text, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware.
+
+    SQLite has no timestamp type and SQLAlchemy reads its values back naive,
+    so the UTC zone is attached here for both databases alike.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: store timezone-aware UTC times")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _timestamp(nullable: bool = False) -> Column[datetime]:
+    return Column(UTCDateTime(), nullable=nullable)
+
+
+class Device(SQLModel, table=True):
+    """A device as last reported by its health messages."""
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    product: str = Field(index=True, max_length=64)
+    hardware: str = Field(index=True, max_length=64)
+    group_name: str = Field(default="default", index=True, max_length=64)
+    lab: bool = False
+    current_version: str = Field(max_length=100)
+    previous_version: str | None = Field(default=None, max_length=100)
+    active_slot: str = Field(default="a", max_length=1)
+    security_version: int = 0
+    boot_result: str = Field(default="ok", max_length=20)
+    boot_banner: str | None = Field(default=None, max_length=500)
+    crash_count: int = 0
+    uptime_s: float = 0.0
+    online: bool = False
+    last_seq: int = -1
+    last_seen_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    registered_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+
+
+class Firmware(SQLModel, table=True):
+    """A firmware build stored immutably in the object store."""
+
+    __table_args__ = (UniqueConstraint("product", "hardware", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    product: str = Field(max_length=64)
+    hardware: str = Field(max_length=64)
+    version: str = Field(max_length=100)
+    security_version: int = 0
+    size_bytes: int
+    sha256: str = Field(index=True, max_length=64)
+    image_key: str = Field(max_length=1024)
+    manifest_key: str = Field(max_length=1024)
+    signature_key: str = Field(max_length=1024)
+    key_id: str = Field(max_length=64)
+    release_id: str = Field(max_length=200)
+    uploaded_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+
+
+class Release(SQLModel, table=True):
+    """One release: the workflow's id, inputs and last recorded state."""
+
+    id: str = Field(primary_key=True, max_length=200)
+    product: str = Field(index=True, max_length=64)
+    hardware: str = Field(max_length=64)
+    version: str = Field(max_length=100)
+    security_version: int = 0
+    sha256: str = Field(max_length=64)
+    size_bytes: int
+    staging_key: str = Field(max_length=1024)
+    policy_json: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(default="pending", index=True, max_length=32)
+    current_wave: int | None = None
+    wave_count: int = 0
+    targeted_devices: int = 0
+    succeeded_devices: int = 0
+    failed_devices: int = 0
+    outcome_reason: str | None = Field(default=None, sa_column=Column(Text))
+    started_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    updated_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    finished_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+
+
+class ReleaseWave(SQLModel, table=True):
+    """A wave of a release with its gate and the evaluation that ended it."""
+
+    release_id: str = Field(primary_key=True, max_length=200)
+    wave_index: int = Field(primary_key=True)
+    name: str = Field(max_length=64)
+    planned_count: int = 0
+    state: str = Field(default="planned", max_length=32)
+    gate: str = Field(default="auto", max_length=16)
+    decision: str | None = Field(default=None, max_length=16)
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    decided_by: str | None = Field(default=None, max_length=200)
+    counts_json: str | None = Field(default=None, sa_column=Column(Text))
+    started_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    finished_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+
+
+class ReleaseTarget(SQLModel, table=True):
+    """One device's progress in one release.
+
+    ``state_rank`` mirrors ``otaflow.protocol.STATE_RANK[state]`` so that the
+    ingest can move a device forward with one conditional UPDATE.
+    """
+
+    __table_args__ = (Index("ix_release_target_wave_rank", "release_id", "wave_index", "state_rank"),)
+
+    release_id: str = Field(primary_key=True, max_length=200)
+    device_id: str = Field(primary_key=True, max_length=128, index=True)
+    wave_index: int
+    state: str = Field(default="pending", max_length=20)
+    state_rank: int = 0
+    last_seq: int = -1
+    progress: float | None = None
+    reason: str | None = Field(default=None, max_length=40)
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    from_version: str | None = Field(default=None, max_length=100)
+    dispatched_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    updated_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+
+
+class DeviceEvent(SQLModel, table=True):
+    """Every accepted status message, written once per device and sequence number."""
+
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=128)
+    seq: int
+    release_id: str = Field(index=True, max_length=200)
+    state: str = Field(max_length=20)
+    reason: str | None = Field(default=None, max_length=40)
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    sent_at: datetime = Field(sa_column=_timestamp())
+    received_at: datetime = Field(sa_column=_timestamp())
+
+
+class ReleaseEvent(SQLModel, table=True):
+    """A step in a release's timeline: verify, sign, store, waves, rollback."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    release_id: str = Field(index=True, max_length=200)
+    stage: str = Field(max_length=64)
+    message: str = Field(sa_column=Column(Text, nullable=False))
+    at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+
+
+class AuditEntry(SQLModel, table=True):
+    """Append-only record of who did what."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    actor: str = Field(max_length=200)
+    action: str = Field(index=True, max_length=64)
+    target: str = Field(default="", max_length=200)
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False))
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for CI, stored only as its SHA-256."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100)
+    token_hash: str = Field(unique=True, max_length=64)
+    scopes: str = Field(max_length=200, description="Space-separated scopes.")
+    created_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    revoked_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    last_used_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))

@@ -1,0 +1,344 @@
+"""Rollout policy: how a release expands through the fleet and when it stops.
+
+Everything here is pure and deterministic, because the release workflow calls
+it during replay: no I/O, no clock, no randomness. A policy is written in YAML
+(``load_policy``); stage fields left out take the policy-wide defaults, so the
+resolved policy that a workflow carries states every value it acts on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from otaflow.errors import PolicyError
+
+DEFAULT_POLICY_RESOURCE = "default_policy.yaml"
+
+
+class GateMode(StrEnum):
+    AUTO = "auto"
+    MANUAL = "manual"
+
+
+class FailureAction(StrEnum):
+    ROLL_BACK = "rollback"
+    PAUSE = "pause"
+
+
+class StagePolicy(BaseModel):
+    """One wave of a release, with every threshold resolved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    percent: float = Field(gt=0, le=100, description="Cumulative share of the fleet.")
+    min_devices: int = Field(default=0, ge=0, description="Cumulative minimum count.")
+    gate: GateMode
+    bake_s: float = Field(ge=0)
+    success_threshold: float = Field(gt=0, le=1)
+    max_failures: int | None = Field(ge=0)
+    min_finished: int = Field(ge=0)
+    device_deadline_s: float = Field(gt=0)
+    on_failure: FailureAction
+
+
+class RolloutPolicy(BaseModel):
+    """A resolved rollout policy: ordered stages and release-wide switches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="custom", min_length=1, max_length=64)
+    stages: tuple[StagePolicy, ...] = Field(min_length=1)
+    seed: str = Field(
+        default="",
+        max_length=200,
+        description="Salt of the stable hash; empty means the product name.",
+    )
+    skip_offline: bool = True
+    four_eyes: bool = True
+    lab_devices_first: bool = False
+    dispatch_rate_per_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _stages_expand(self) -> RolloutPolicy:
+        names: set[str] = set()
+        previous = 0.0
+        for index, stage in enumerate(self.stages):
+            if stage.name in names:
+                raise ValueError(
+                    f"stages[{index}].name: {stage.name!r} is used twice; give each stage its own name"
+                )
+            names.add(stage.name)
+            if stage.percent <= previous:
+                raise ValueError(
+                    f"stages[{index}].percent: {stage.percent:g} is not above the previous"
+                    f" stage's {previous:g}; percentages are cumulative and must increase"
+                )
+            previous = stage.percent
+        return self
+
+
+class _StageInput(BaseModel):
+    """A stage as written in YAML, where any threshold may be left to the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    percent: float
+    min_devices: int | None = None
+    gate: GateMode | None = None
+    bake_s: float | None = None
+    success_threshold: float | None = None
+    max_failures: int | None = None
+    min_finished: int | None = None
+    device_deadline_s: float | None = None
+    on_failure: FailureAction | None = None
+
+
+class _Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gate: GateMode = GateMode.AUTO
+    bake_s: float = 60.0
+    success_threshold: float = 0.95
+    max_failures: int | None = None
+    min_finished: int = 1
+    device_deadline_s: float = 900.0
+    on_failure: FailureAction = FailureAction.ROLL_BACK
+
+
+class _PolicyInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    defaults: _Defaults = Field(default_factory=_Defaults)
+    stages: list[_StageInput]
+    seed: str = ""
+    skip_offline: bool = True
+    four_eyes: bool = True
+    lab_devices_first: bool = False
+    dispatch_rate_per_s: float | None = None
+
+
+def resolve_policy(document: Any, source: str = "policy") -> RolloutPolicy:
+    """Validate a parsed policy document and fill stage fields from the defaults.
+
+    Raises ``PolicyError`` naming the first invalid field, for example
+    ``stages[1].percent``.
+    """
+    try:
+        raw = _PolicyInput.model_validate(document)
+        stages = [_resolve_stage(stage, raw.defaults) for stage in raw.stages]
+        return RolloutPolicy(
+            name=raw.name,
+            stages=tuple(stages),
+            seed=raw.seed,
+            skip_offline=raw.skip_offline,
+            four_eyes=raw.four_eyes,
+            lab_devices_first=raw.lab_devices_first,
+            dispatch_rate_per_s=raw.dispatch_rate_per_s,
+        )
+    except ValidationError as error:
+        raise _policy_error(error, source) from None
+
+
+def _resolve_stage(stage: _StageInput, defaults: _Defaults) -> StagePolicy:
+    explicit = stage.model_dump(exclude_none=True)
+    return StagePolicy.model_validate({**defaults.model_dump(), "min_devices": 0, **explicit})
+
+
+def _policy_error(error: ValidationError, source: str) -> PolicyError:
+    first = error.errors()[0]
+    field = ".".join(
+        f"[{part}]" if isinstance(part, int) else str(part) for part in first["loc"]
+    ).replace(".[", "[")
+    message = first["msg"].removeprefix("Value error, ")
+    if message.startswith(("stages[", "stages.")):
+        field, _, message = message.partition(": ")
+    value = first.get("input")
+    return PolicyError(
+        field or "policy", value, f"{message} (in {source}; see docs/rollout-policy.md)"
+    )
+
+
+def load_policy(path: Path | None = None, text: str | None = None) -> RolloutPolicy:
+    """Load a rollout policy from a YAML file or text; the default one if neither."""
+    import yaml  # Imported here so that the workflow sandbox never loads it.
+
+    if text is None:
+        if path is None:
+            text = resources.files("workflows").joinpath(DEFAULT_POLICY_RESOURCE).read_text()
+            source = "the default policy"
+        else:
+            text = path.read_text()
+            source = str(path)
+    else:
+        source = str(path) if path else "policy text"
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PolicyError("policy", source, f"invalid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise PolicyError(
+            "policy", source, "expected a mapping with a 'stages' list at the top level"
+        )
+    return resolve_policy(document, source)
+
+
+def default_policy() -> RolloutPolicy:
+    return load_policy()
+
+
+# --- Wave planning -------------------------------------------------------------
+
+
+class PlannedDevice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    device_id: str
+    lab: bool = False
+
+
+def rollout_order(devices: Iterable[PlannedDevice], seed: str, lab_first: bool) -> list[str]:
+    """Order devices by a stable hash of the seed and device id.
+
+    The same fleet and seed always give the same order, so the same devices
+    form the canary of every release planned with that policy. Lab devices
+    come first when ``lab_first`` is set.
+    """
+
+    def sort_key(device: PlannedDevice) -> tuple[int, str]:
+        digest = hashlib.sha256(f"{seed}\x00{device.device_id}".encode()).hexdigest()
+        return (0 if lab_first and device.lab else 1, digest)
+
+    return [device.device_id for device in sorted(devices, key=sort_key)]
+
+
+def wave_sizes(stages: Sequence[StagePolicy], fleet_size: int) -> list[int]:
+    """Number of devices in each wave for a fleet of ``fleet_size``.
+
+    A stage's cumulative count is its percentage of the fleet rounded up, at
+    least its ``min_devices`` and never more than the fleet. A wave whose
+    count adds no device has size 0; the workflow skips it.
+    """
+    sizes = []
+    reached = 0
+    for stage in stages:
+        cumulative = max(math.ceil(stage.percent * fleet_size / 100), stage.min_devices)
+        cumulative = min(max(cumulative, reached), fleet_size)
+        sizes.append(cumulative - reached)
+        reached = cumulative
+    return sizes
+
+
+# --- Wave evaluation -----------------------------------------------------------
+
+
+class WaveDecision(StrEnum):
+    PROMOTE = "promote"
+    HOLD = "hold"
+    ROLL_BACK = "rollback"
+
+
+class WaveCounts(BaseModel):
+    """Device states of one wave, as read from the database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    targeted: int = Field(ge=0)
+    succeeded: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    in_progress: int = Field(default=0, ge=0)
+    rolled_back: int = Field(default=0, ge=0)
+    failure_reasons: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed
+
+
+class WaveVerdict(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    decision: WaveDecision
+    healthy: bool
+    reason: str
+
+
+def evaluate_wave(stage: StagePolicy, counts: WaveCounts) -> WaveVerdict:
+    """Decide whether a finished wave promotes, holds for a human or rolls back.
+
+    The success rate is computed over the devices that finished (succeeded or
+    failed); a device that missed its deadline has already been counted as
+    failed. Devices still in progress do not count either way, which is why a
+    minimum number of finished devices is required before a rate means
+    anything.
+    """
+    summary = describe_counts(stage.name, counts)
+    failing = _failure_cause(stage, counts)
+    if failing is None and counts.finished < max(stage.min_finished, 1):
+        return WaveVerdict(
+            decision=WaveDecision.HOLD,
+            healthy=False,
+            reason=(
+                f"{summary}; only {counts.finished} finished, at least"
+                f" {max(stage.min_finished, 1)} needed to judge the wave: held for a decision"
+            ),
+        )
+    if failing is None:
+        return WaveVerdict(
+            decision=WaveDecision.PROMOTE,
+            healthy=True,
+            reason=f"{summary}, threshold {_percent(stage.success_threshold)} of finished",
+        )
+    if stage.on_failure is FailureAction.PAUSE:
+        return WaveVerdict(
+            decision=WaveDecision.HOLD,
+            healthy=False,
+            reason=f"{summary}; {failing}: paused for a decision",
+        )
+    return WaveVerdict(
+        decision=WaveDecision.ROLL_BACK,
+        healthy=False,
+        reason=f"{summary}; {failing}: rolling back",
+    )
+
+
+def _failure_cause(stage: StagePolicy, counts: WaveCounts) -> str | None:
+    if stage.max_failures is not None and counts.failed > stage.max_failures:
+        return f"{counts.failed} failures exceed the maximum of {stage.max_failures}"
+    if counts.finished == 0:
+        return None
+    rate = counts.succeeded / counts.finished
+    if rate < stage.success_threshold:
+        return (
+            f"success rate {_percent(rate)} of finished is below the threshold"
+            f" of {_percent(stage.success_threshold)}"
+        )
+    return None
+
+
+def describe_counts(stage_name: str, counts: WaveCounts) -> str:
+    """Summarise a wave: ``canary: 19 of 20 succeeded, 1 failed (download_timeout)``."""
+    text = f"{stage_name}: {counts.succeeded} of {counts.targeted} succeeded"
+    if counts.failed:
+        reasons = ", ".join(
+            f"{count} {reason}" if count > 1 or len(counts.failure_reasons) > 1 else reason
+            for reason, count in sorted(counts.failure_reasons.items())
+        )
+        text += f", {counts.failed} failed" + (f" ({reasons})" if reasons else "")
+    if counts.in_progress:
+        text += f", {counts.in_progress} in progress"
+    return text
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.4g}%"
