@@ -1,0 +1,527 @@
+"""The device side of the MQTT contract v1: commands in, status and health out.
+
+``DeviceAgent`` is transport-free: it receives raw command payloads and
+publishes through a callback, so the same state machine serves the fleet
+simulator and could serve a single real device.
+
+An install runs these steps, and a report goes out as each one starts::
+
+    received → (manifest checks) → downloading → downloaded → (length and
+    SHA-256 check) → verified → installing → rebooting → succeeded | failed
+
+Every manifest check runs before a byte is downloaded or written, so a
+rejected manifest leaves slots and stored state as they were. Installs run
+one at a time in arrival order. A release is handled once: a repeated
+install command re-reports the state the release reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from device_sim.blobs import BlobStore
+from device_sim.download import DownloadJob, ImageDownloader
+from device_sim.profiles import Behaviour
+from device_sim.slots import DeviceRecord, ReleaseRecord, Slot, StateFile
+from otaflow.errors import ManifestRejectedError
+from otaflow.manifest import Manifest, SignedManifest, TrustStore, verify_manifest
+from otaflow.protocol import (
+    STATE_RANK,
+    CancelCommand,
+    Channel,
+    DeviceState,
+    FailureReason,
+    HealthReport,
+    InstallCommand,
+    RollbackCommand,
+    StatusReport,
+    decode_command,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_DETAIL_CHARS = 2000
+# A device that only hashed an image waits for the device writing it. If that
+# writer fails, the device downloads again as the writer, at most this often.
+MAX_BLOB_ROUNDS = 3
+
+Publish = Callable[[Channel, bytes], Awaitable[None]]
+Report = StatusReport | HealthReport
+
+
+class DeviceAgent:
+    """Handles one device's commands and reports, and owns its stored state."""
+
+    def __init__(
+        self,
+        record: DeviceRecord,
+        state_file: StateFile,
+        *,
+        behaviour: Behaviour,
+        trust: TrustStore,
+        blobs: BlobStore,
+        downloader: ImageDownloader,
+        download_slots: asyncio.Semaphore,
+        publish: Publish,
+        on_report: Callable[[], None],
+        history_limit: int,
+    ) -> None:
+        self.record = record
+        self.behaviour = behaviour
+        self.reports: deque[Report] = deque(maxlen=history_limit)
+        self._state_file = state_file
+        self._trust = trust
+        self._blobs = blobs
+        self._downloader = downloader
+        self._download_slots = download_slots
+        self._publish = publish
+        self._on_report = on_report
+        self._install_lock = asyncio.Lock()
+        self._installs: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._booted_at = asyncio.get_running_loop().time()
+
+    @property
+    def device_id(self) -> str:
+        return self.record.device_id
+
+    def start(self) -> None:
+        """Finish what a restart interrupted: a trial boot or a half-done install."""
+        if self.record.trial is not None:
+            release_id = self.record.trial.release_id
+            self._spawn(self._resume_trial(release_id), release_id=release_id)
+        for release_id, release in list(self.record.releases.items()):
+            if not release.finished and release.state is not DeviceState.REBOOTING:
+                self._spawn(self._report_interrupted(release_id, release.state))
+
+    async def stop(self) -> None:
+        """Cancel every running task; their last stored state stays as it is."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def on_connected(self) -> None:
+        await self.send_health()
+
+    def handle_command(self, payload: bytes) -> None:
+        """Parse a command payload and start handling it in the background."""
+        try:
+            command = decode_command(payload)
+        except ValidationError as error:
+            self._reject_malformed(payload, error)
+            return
+        if isinstance(command, InstallCommand):
+            self._on_install(command)
+        elif isinstance(command, RollbackCommand):
+            self._spawn(self._rollback(command.release_id))
+        elif isinstance(command, CancelCommand):
+            self._spawn(self._cancel(command.release_id))
+
+    # Install
+
+    def _on_install(self, command: InstallCommand) -> None:
+        release_id = command.release_id
+        if release_id in self._installs or release_id in self.record.releases:
+            logger.info(
+                "device %s: install of release %s repeated, re-reporting its state",
+                self.device_id,
+                release_id,
+            )
+            self._spawn(self._report_known(release_id))
+            return
+        self._spawn(self._install(command), release_id=release_id)
+
+    async def _install(self, command: InstallCommand) -> None:
+        release_id = command.release_id
+        try:
+            await self._report_status(release_id, DeviceState.RECEIVED)
+            async with self._install_lock:
+                await self._run_install(command)
+        except ManifestRejectedError as error:
+            await self._report_failure(release_id, error.reason, error.detail)
+        except OSError as error:
+            detail = f"cannot store the image: {error}"
+            await self._report_failure(release_id, FailureReason.STORAGE_ERROR, detail)
+
+    async def _run_install(self, command: InstallCommand) -> None:
+        release_id = command.release_id
+        await self._pause()
+        manifest = self._check_command(command)
+        if manifest.sha256 == self.record.running.sha256:
+            await self._report_already_running(release_id, manifest)
+            return
+
+        await self._fetch_image(command, manifest)
+        await self._pause()
+        await self._report_status(release_id, DeviceState.INSTALLING)
+        await self._pause()
+        self.record.write_inactive(
+            Slot(
+                version=manifest.version,
+                security_version=manifest.security_version,
+                sha256=manifest.sha256,
+                release_id=release_id,
+            )
+        )
+        await self._report_status(release_id, DeviceState.REBOOTING)
+        await self._boot_trial(release_id)
+
+    def _check_command(self, command: InstallCommand) -> Manifest:
+        """Run the manifest and deadline checks; raise on the first that fails."""
+        signed = SignedManifest(
+            manifest_json=command.manifest,
+            signature=command.signature,
+            key_id=command.key_id,
+        )
+        now = datetime.now(UTC)
+        manifest = verify_manifest(
+            signed,
+            self._trust,
+            now=now,
+            product=self.record.product,
+            hardware=self.record.hardware,
+            group=self.record.group,
+            highest_security_version=self.record.highest_security_version,
+        )
+        if manifest.release_id != command.release_id:
+            raise ManifestRejectedError(
+                FailureReason.INVALID_COMMAND.value,
+                f"command names release {command.release_id!r}, the signed manifest"
+                f" {manifest.release_id!r}",
+            )
+        if now >= command.deadline:
+            raise ManifestRejectedError(
+                FailureReason.DEADLINE_EXCEEDED.value,
+                f"command deadline {command.deadline.isoformat()} passed before the"
+                " download started",
+            )
+        return manifest
+
+    async def _fetch_image(self, command: InstallCommand, manifest: Manifest) -> None:
+        """Download and check the image until the fleet's blob store contains it."""
+        release_id = command.release_id
+        await self._report_status(release_id, DeviceState.DOWNLOADING, progress=0.0)
+        job = DownloadJob(
+            device_id=self.device_id,
+            url=command.url,
+            manifest=manifest,
+            deadline=command.deadline,
+            behaviour=self.behaviour,
+            on_progress=lambda fraction: self._report_status(
+                release_id, DeviceState.DOWNLOADING, progress=fraction
+            ),
+        )
+        async with self._download_slots:
+            for _ in range(MAX_BLOB_ROUNDS):
+                if await self._download_once(job):
+                    break
+            else:
+                raise ManifestRejectedError(
+                    FailureReason.STORAGE_ERROR.value,
+                    f"image {manifest.sha256} could not be stored after"
+                    f" {MAX_BLOB_ROUNDS} downloads",
+                )
+        await self._report_status(release_id, DeviceState.VERIFIED)
+
+    async def _download_once(self, job: DownloadJob) -> bool:
+        """Download, report ``downloaded``, check; return whether the blob exists."""
+        sha256 = job.manifest.sha256
+        writer = self._blobs.claim(sha256)
+        try:
+            digest = await self._downloader.fetch(job, writer)
+            await self._report_status(job.manifest.release_id, DeviceState.DOWNLOADED)
+            digest.check()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.commit()
+            return True
+        return await self._blobs.wait_for(sha256)
+
+    async def _resume_trial(self, release_id: str) -> None:
+        async with self._install_lock:
+            await self._boot_trial(release_id)
+
+    async def _boot_trial(self, release_id: str) -> None:
+        """Boot the trial slot; confirm it if healthy, else fall back."""
+        await self._pause()
+        trial = self.record.trial
+        assert trial is not None
+        image = self.record.slots[trial.slot]
+        assert image is not None
+        self._booted_at = asyncio.get_running_loop().time()
+        if self.behaviour.crashes_on(image.version):
+            self.record.fail_trial()
+            detail = (
+                f"version {image.version} crashed after booting from slot"
+                f" {trial.slot}; the bootloader booted slot"
+                f" {self.record.active_slot} ({self.record.running.version}) again"
+            )
+            await self._report_failure(release_id, FailureReason.BOOT_FAILED, detail)
+        else:
+            self.record.confirm_trial()
+            await self._report_status(
+                release_id, DeviceState.SUCCEEDED, version=image.version
+            )
+            logger.info(
+                "device %s: release %s installed, running %s from slot %s",
+                self.device_id,
+                release_id,
+                image.version,
+                trial.slot,
+            )
+        await self.send_health()
+
+    async def _report_already_running(
+        self, release_id: str, manifest: Manifest
+    ) -> None:
+        detail = f"version {manifest.version} with this SHA-256 is already running"
+        await self._report_status(
+            release_id, DeviceState.SUCCEEDED, detail=detail, version=manifest.version
+        )
+        await self.send_health()
+
+    # Rollback and cancel
+
+    async def _rollback(self, release_id: str) -> None:
+        undone = await self._stop_install(release_id)
+        known = self.record.releases.get(release_id)
+        if known is not None and known.state is DeviceState.ROLLED_BACK:
+            await self._report_known(release_id)
+            return
+        async with self._install_lock:
+            running = self.record.running
+            if running.release_id == release_id:
+                self.record.boot_previous()
+                self._booted_at = asyncio.get_running_loop().time()
+                detail = (
+                    f"booted slot {self.record.active_slot}"
+                    f" ({self.record.running.version}) again in place of"
+                    f" {running.version}"
+                )
+                await self._report_status(
+                    release_id, DeviceState.ROLLED_BACK, detail=detail
+                )
+                await self.send_health()
+                return
+        detail = f"nothing needed undoing: {undone or _not_switched(known)}"
+        await self._report_status(release_id, DeviceState.ROLLED_BACK, detail=detail)
+
+    async def _cancel(self, release_id: str) -> None:
+        known = self.record.releases.get(release_id)
+        rank = STATE_RANK[known.state] if known is not None else -1
+        if rank >= STATE_RANK[DeviceState.REBOOTING]:
+            logger.info(
+                "device %s: cancel of release %s ignored, it is already %s",
+                self.device_id,
+                release_id,
+                known.state.value if known else "unknown",
+            )
+            await self._report_known(release_id)
+            return
+        undone = await self._stop_install(release_id)
+        detail = undone or "cancelled before the install command arrived"
+        await self._report_failure(release_id, FailureReason.CANCELLED, detail)
+
+    async def _stop_install(self, release_id: str) -> str | None:
+        """Cancel the install of ``release_id`` unless it is rebooting.
+
+        An install that is rebooting or booting runs to its end, because an
+        A/B switch cannot stop halfway. Returns a sentence saying what was
+        stopped, or None when nothing was.
+        """
+        task = self._installs.get(release_id)
+        if task is None:
+            return None
+        known = self.record.releases.get(release_id)
+        state = known.state if known is not None else DeviceState.RECEIVED
+        if STATE_RANK[state] >= STATE_RANK[DeviceState.REBOOTING]:
+            await asyncio.wait([task])
+            return None
+        task.cancel()
+        await asyncio.wait([task])
+        return f"install cancelled while {state.value}, before the slot switch"
+
+    # Reports
+
+    async def send_health(self) -> None:
+        running = self.record.running
+        loop_time = asyncio.get_running_loop().time()
+        report = HealthReport(
+            device_id=self.device_id,
+            seq=self.record.take_seq(),
+            product=self.record.product,
+            hardware=self.record.hardware,
+            group=self.record.group,
+            running_version=running.version,
+            previous_version=self.record.previous_version,
+            slot=self.record.active_slot,
+            security_version=running.security_version,
+            boot_result=self.record.last_boot_result,
+            uptime_s=round(loop_time - self._booted_at, 3),
+            crash_count=self.record.crash_count,
+            lab=False,
+            boot_banner=f"device_sim {running.version} slot {self.record.active_slot}",
+            sent_at=datetime.now(UTC),
+        )
+        await self._send(Channel.HEALTH, report)
+
+    async def _report_status(
+        self,
+        release_id: str,
+        state: DeviceState,
+        *,
+        progress: float | None = None,
+        reason: FailureReason | None = None,
+        detail: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        known = self.record.releases.get(release_id)
+        if known is not None and STATE_RANK[state] < STATE_RANK[known.state]:
+            # A download that starts over after ``downloaded`` lands here:
+            # states only move forward, so the earlier one is not sent again.
+            return
+        if detail is not None:
+            detail = detail[:MAX_DETAIL_CHARS]
+        if version is None and known is not None:
+            version = known.version
+        record = ReleaseRecord(
+            state=state, reason=reason, detail=detail, version=version
+        )
+        self.record.set_release(release_id, record)
+        await self._send_status(release_id, record, progress)
+
+    async def _send_status(
+        self, release_id: str, record: ReleaseRecord, progress: float | None = None
+    ) -> None:
+        report = StatusReport(
+            device_id=self.device_id,
+            release_id=release_id,
+            state=record.state,
+            seq=self.record.take_seq(),
+            progress=progress,
+            reason=record.reason,
+            detail=record.detail,
+            sent_at=datetime.now(UTC),
+        )
+        await self._send(Channel.STATUS, report)
+
+    async def _report_failure(
+        self, release_id: str, reason: FailureReason | str, detail: str
+    ) -> None:
+        reason = FailureReason(reason)
+        logger.info(
+            "device %s: release %s failed (%s): %s",
+            self.device_id,
+            release_id,
+            reason.value,
+            detail,
+        )
+        await self._report_status(
+            release_id, DeviceState.FAILED, reason=reason, detail=detail
+        )
+
+    async def _report_known(self, release_id: str) -> None:
+        """Send the stored state of a release again, and health if it finished."""
+        known = self.record.releases.get(release_id)
+        if known is None:
+            return
+        await self._send_status(release_id, known)
+        if known.finished:
+            await self.send_health()
+
+    async def _report_interrupted(self, release_id: str, state: DeviceState) -> None:
+        # TODO: resume the download from the stored command instead of failing
+        # the release; a restarted device now needs a new release to retry.
+        reason = (
+            FailureReason.STORAGE_ERROR
+            if state is DeviceState.INSTALLING
+            else FailureReason.DOWNLOAD_FAILED
+        )
+        detail = f"the device restarted while {state.value}; the image was discarded"
+        await self._report_failure(release_id, reason, detail)
+
+    async def _send(self, channel: Channel, report: Report) -> None:
+        # The record, with the seq just taken, is stored before the message
+        # leaves, so a restart can never send the same seq twice.
+        self._state_file.save(self.record)
+        self.reports.append(report)
+        self._on_report()
+        await self._publish(channel, encode(report))
+
+    # Plumbing
+
+    def _reject_malformed(self, payload: bytes, error: ValidationError) -> None:
+        release_id = _install_release_id(payload)
+        logger.warning(
+            "device %s: invalid command (%d errors): %s",
+            self.device_id,
+            error.error_count(),
+            str(error)[:300],
+        )
+        if release_id is None or release_id in self.record.releases:
+            return
+        detail = f"invalid install command: {error}"
+        self._spawn(
+            self._report_failure(release_id, FailureReason.INVALID_COMMAND, detail)
+        )
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self.behaviour.step_delay_s)
+
+    def _spawn(
+        self, work: Coroutine[Any, Any, None], *, release_id: str | None = None
+    ) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        if release_id is not None:
+            self._installs[release_id] = task
+        task.add_done_callback(lambda done: self._forget(done, release_id))
+
+    def _forget(self, task: asyncio.Task[None], release_id: str | None) -> None:
+        self._tasks.discard(task)
+        if release_id is not None and self._installs.get(release_id) is task:
+            del self._installs[release_id]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "device %s: command handling failed",
+                self.device_id,
+                exc_info=task.exception(),
+            )
+
+
+def _not_switched(known: ReleaseRecord | None) -> str:
+    if known is None:
+        return "the device never received an install of this release"
+    if known.state is DeviceState.FAILED:
+        reason = known.reason.value if known.reason else "unknown"
+        return f"the install failed ({reason}) and the device never switched"
+    return (
+        f"the running firmware is not from this release, which is {known.state.value}"
+    )
+
+
+def _install_release_id(payload: bytes) -> str | None:
+    """Return the release id of a malformed install command, if it is usable."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("type") != "install":
+        return None
+    release_id = data.get("release_id")
+    if isinstance(release_id, str) and 0 < len(release_id) <= 200:
+        return release_id
+    return None

@@ -1,0 +1,332 @@
+"""Many virtual devices in one asyncio process.
+
+Each device has its own MQTT session, state file and behaviour. The devices
+share one HTTP client, one blob store and a limit on concurrent downloads.
+A session costs one socket and about 18 KB of memory (aiomqtt 2.5, measured
+with 10,000 sessions), and a running download costs one more socket. So
+``devices + max_concurrent_downloads`` plus a few dozen must stay below the
+process's open-file limit (``ulimit -n``).
+
+Usage from a test::
+
+    async with Fleet(FleetConfig(...)) as fleet:
+        await fleet.wait_until(lambda f: all(...), timeout=30)
+        device = fleet.device("sim-0000")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from device_sim.agent import DeviceAgent
+from device_sim.blobs import BlobStore
+from device_sim.device import VirtualDevice
+from device_sim.download import ImageDownloader
+from device_sim.profiles import (
+    Profile,
+    ProfileCount,
+    assign_profiles,
+    behaviour_for,
+    device_random,
+)
+from device_sim.session import Backoff, BrokerAddress, ConnectionStats, DeviceSession
+from device_sim.slots import DeviceRecord, StateFile
+from otaflow.errors import InvalidInputError
+from otaflow.identifiers import check_device_id, check_name, check_version
+from otaflow.manifest import TrustStore
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_LOG_INTERVAL_S = 5.0
+# wait_until re-evaluates its predicate after a device reports, but not more
+# often than WAIT_MIN_S, because with thousands of devices every report would
+# otherwise evaluate it again. It also re-evaluates every WAIT_MAX_S, for
+# predicates on state outside the fleet.
+WAIT_MIN_S = 0.02
+WAIT_MAX_S = 0.5
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Settings of a simulated fleet, validated when the config is built.
+
+    ``step_delay_s`` is a healthy device's pause before each install step
+    (verify, install, reboot), jittered per device. ``slow`` devices take
+    several times longer. ``stall_timeout_s`` is how long a download may go
+    without a byte before it fails with ``download_timeout``.
+    """
+
+    product: str
+    hardware: str
+    version: str
+    state_dir: Path
+    trust: TrustStore
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    devices: int = 1
+    security_version: int = 0
+    group: str = "default"
+    profiles: tuple[ProfileCount, ...] = ()
+    crash_on_version: str | None = None
+    id_prefix: str = "sim"
+    step_delay_s: float = 0.05
+    stall_timeout_s: float = 30.0
+    connect_batch_size: int = 250
+    connect_timeout_s: float = 300.0
+    max_concurrent_downloads: int = 200
+    keepalive_s: int = 30
+    history_limit: int = 200
+    seed: str = "device_sim"
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def __post_init__(self) -> None:
+        for name in ("product", "hardware", "group"):
+            _check(name, getattr(self, name), check_name)
+        _check("version", self.version, check_version)
+        if self.crash_on_version is not None:
+            _check("crash-on-version", self.crash_on_version, check_version)
+        _check("id-prefix", self.id_prefix, check_device_id)
+        for name in ("devices", "connect_batch_size", "max_concurrent_downloads"):
+            _check_positive(name, getattr(self, name))
+        if self.security_version < 0:
+            raise InvalidInputError(
+                "security-version", self.security_version, "must be 0 or more"
+            )
+        try:
+            assign_profiles(self.devices, self.profiles)
+        except ValueError as error:
+            raise InvalidInputError("profile", self.profiles, str(error)) from None
+
+    def device_ids(self) -> list[str]:
+        width = max(4, len(str(self.devices - 1)))
+        return [f"{self.id_prefix}-{index:0{width}d}" for index in range(self.devices)]
+
+
+class Fleet:
+    """Starts, runs and stops the devices of one ``FleetConfig``."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.devices: dict[str, VirtualDevice] = {}
+        self._changed = asyncio.Event()
+        self.stats = ConnectionStats(changed=self._changed)
+        self._blobs = BlobStore(config.state_dir / "blobs")
+        self._http: httpx.AsyncClient | None = None
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Fleet:
+        await self.start()
+        try:
+            await self.wait_connected()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def device(self, device_id: str) -> VirtualDevice:
+        try:
+            return self.devices[device_id]
+        except KeyError:
+            raise KeyError(
+                f"device {device_id!r} is not in this fleet; ids run from"
+                f" {next(iter(self.devices), '(none)')} upwards"
+            ) from None
+
+    @property
+    def connectable(self) -> list[VirtualDevice]:
+        return [device for device in self.devices.values() if device.session]
+
+    async def start(self) -> None:
+        """Load or create every device's state and connect the devices in batches."""
+        config = self.config
+        (config.state_dir / "devices").mkdir(parents=True, exist_ok=True)
+        self._blobs.open()
+        self._http = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=config.max_concurrent_downloads,
+                max_keepalive_connections=min(config.max_concurrent_downloads, 50),
+            ),
+            trust_env=False,
+        )
+        downloader = ImageDownloader(self._http, stall_timeout_s=config.stall_timeout_s)
+        download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
+        profiles = assign_profiles(config.devices, config.profiles)
+        for device_id, profile in zip(config.device_ids(), profiles, strict=True):
+            device = self._build_device(device_id, profile, downloader, download_slots)
+            self.devices[device_id] = device
+        self._monitor = asyncio.create_task(self._log_progress())
+        await self._connect_in_batches()
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until every device that is not ``offline`` is connected."""
+        await self.wait_until(
+            lambda fleet: all(device.connected for device in fleet.connectable),
+            timeout_s if timeout_s is not None else self.config.connect_timeout_s,
+            description="every device connected",
+        )
+
+    async def wait_until(
+        self,
+        predicate: Callable[[Fleet], bool],
+        timeout_s: float,
+        *,
+        description: str = "the condition",
+    ) -> None:
+        """Wait until ``predicate(fleet)`` is true.
+
+        The predicate is evaluated again after devices report or connect, and
+        at least every 0.5 s. Raises ``TimeoutError`` when it is still false
+        after ``timeout_s``.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate(self):
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), WAIT_MAX_S)
+                    await asyncio.sleep(WAIT_MIN_S)
+        except TimeoutError:
+            connected = self.stats.connected
+            raise TimeoutError(
+                f"{description} did not happen within {timeout_s} s"
+                f" ({connected} of {len(self.connectable)} devices connected)"
+            ) from None
+
+    async def stop(self) -> None:
+        """Stop every device: each publishes ``offline`` and disconnects cleanly."""
+        devices = list(self.devices.values())
+        batch = self.config.connect_batch_size
+        for start in range(0, len(devices), batch):
+            await asyncio.gather(
+                *(device.stop() for device in devices[start : start + batch])
+            )
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        logger.info("fleet stopped: %d devices", len(devices))
+
+    def _build_device(
+        self,
+        device_id: str,
+        profile: Profile,
+        downloader: ImageDownloader,
+        download_slots: asyncio.Semaphore,
+    ) -> VirtualDevice:
+        config = self.config
+        rng = device_random(config.seed, device_id)
+        behaviour = behaviour_for(
+            profile,
+            rng,
+            step_delay_s=config.step_delay_s,
+            crash_on_version=config.crash_on_version,
+        )
+        state_file = StateFile(config.state_dir / "devices" / f"{device_id}.json")
+        record = state_file.load() or self._factory_record(device_id)
+
+        device: VirtualDevice
+        agent = DeviceAgent(
+            record,
+            state_file,
+            behaviour=behaviour,
+            trust=config.trust,
+            blobs=self._blobs,
+            downloader=downloader,
+            download_slots=download_slots,
+            publish=lambda channel, payload: device.publish(channel, payload),
+            on_report=self._changed.set,
+            history_limit=config.history_limit,
+        )
+        session = None
+        if behaviour.connects:
+            session = DeviceSession(
+                device_id,
+                BrokerAddress(config.mqtt_host, config.mqtt_port, config.keepalive_s),
+                on_command=agent.handle_command,
+                on_connected=agent.on_connected,
+                stats=self.stats,
+                rng=rng,
+                backoff=config.backoff,
+            )
+
+        device = VirtualDevice(agent, session)
+        state_file.save(record)
+        return device
+
+    def _factory_record(self, device_id: str) -> DeviceRecord:
+        config = self.config
+        return DeviceRecord.factory(
+            device_id=device_id,
+            product=config.product,
+            hardware=config.hardware,
+            group=config.group,
+            version=config.version,
+            security_version=config.security_version,
+        )
+
+    async def _connect_in_batches(self) -> None:
+        # Connecting thousands of sessions at once overruns the broker's
+        # accept backlog and aiomqtt's connect thread pool, so each batch
+        # waits for its first connection attempts before the next starts.
+        devices = list(self.devices.values())
+        batch = self.config.connect_batch_size
+        started = time.monotonic()
+        for start in range(0, len(devices), batch):
+            members = devices[start : start + batch]
+            for device in members:
+                device.start()
+            await asyncio.gather(*(device.first_attempt_done() for device in members))
+        logger.info(
+            "fleet started: %d devices, %d connected after %.1f s",
+            len(devices),
+            self.stats.connected,
+            time.monotonic() - started,
+        )
+
+    async def _log_progress(self) -> None:
+        last: tuple[int, int] | None = None
+        while True:
+            await asyncio.sleep(PROGRESS_LOG_INTERVAL_S)
+            current = (self.stats.connected, self.stats.connection_losses)
+            if current != last:
+                logger.info(
+                    "fleet: %d of %d devices connected, %d connection losses so far",
+                    current[0],
+                    len(self.connectable),
+                    current[1],
+                )
+                last = current
+
+
+def _check(option: str, value: str, check: Callable[[str], str]) -> None:
+    try:
+        check(value)
+    except ValueError as error:
+        raise InvalidInputError(option, value, str(error)) from None
+
+
+def _check_positive(option: str, value: int) -> None:
+    if value < 1:
+        raise InvalidInputError(
+            option.replace("_", "-"), value, f"must be 1 or more, got {value}"
+        )

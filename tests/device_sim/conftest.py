@@ -1,0 +1,114 @@
+"""Simulator test fixtures: real Mosquitto and SeaweedFS, signed releases.
+
+Every test gets its own device id prefix, because the broker keeps the
+persistent sessions of earlier tests' devices for the whole session.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_sim.fleet import FleetConfig
+from otaflow.manifest import FileSigningKey, TrustedKey, TrustStore
+from otaflow.protocol import Channel
+from otaflow.settings import Settings
+from otaflow.storage import FirmwareStore
+from tests.device_sim.protocol_doc import load_doc_schemas, validate
+from tests.device_sim.server_side import (
+    FACTORY_VERSION,
+    HARDWARE,
+    PRODUCT,
+    ReleaseFactory,
+    ServerLink,
+)
+from tests.device_sim.services import Broker, run_mosquitto, run_seaweedfs
+
+SCHEMA_FOR_CHANNEL = {
+    Channel.STATUS: "StatusReport",
+    Channel.HEALTH: "HealthReport",
+    Channel.PRESENCE: "PresenceReport",
+}
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with run_mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def s3_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="session")
+def firmware_store(s3_settings: Settings) -> FirmwareStore:
+    return FirmwareStore(s3_settings)
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> FileSigningKey:
+    return FileSigningKey.generate()
+
+
+@pytest.fixture(scope="session")
+def trust(signing_key: FileSigningKey) -> TrustStore:
+    return TrustStore().with_key(TrustedKey.from_public_key(signing_key.public_key))
+
+
+@pytest.fixture(scope="session")
+def releases(
+    firmware_store: FirmwareStore, signing_key: FileSigningKey
+) -> ReleaseFactory:
+    return ReleaseFactory(firmware_store, signing_key)
+
+
+@pytest.fixture
+def id_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_config(
+    tmp_path: Path, broker: Broker, trust: TrustStore, id_prefix: str
+) -> Callable[..., FleetConfig]:
+    """Build a fleet config for this test; keyword arguments override fields."""
+
+    def build(**overrides: Any) -> FleetConfig:
+        values: dict[str, Any] = {
+            "product": PRODUCT,
+            "hardware": HARDWARE,
+            "version": FACTORY_VERSION,
+            "state_dir": tmp_path / "fleet",
+            "trust": trust,
+            "mqtt_host": broker.host,
+            "mqtt_port": broker.port,
+            "id_prefix": id_prefix,
+            "step_delay_s": 0.01,
+            "connect_timeout_s": 60.0,
+        }
+        values.update(overrides)
+        return FleetConfig(**values)
+
+    return build
+
+
+@pytest.fixture
+async def server(broker: Broker, id_prefix: str) -> AsyncIterator[ServerLink]:
+    """The server side; on teardown it checks every message against docs/protocol.md."""
+    link = ServerLink(broker.host, broker.port)
+    await link.start()
+    yield link
+    await link.stop()
+    schemas = load_doc_schemas()
+    for message in link.messages:
+        if message.device_id.startswith(id_prefix):
+            schema = schemas[SCHEMA_FOR_CHANNEL[message.channel]]
+            validate(json.loads(message.payload), schema)
