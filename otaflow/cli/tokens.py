@@ -1,7 +1,130 @@
-"""`otaflow tokens` commands."""
+"""`otaflow tokens`: create, list and revoke API tokens for CI.
+
+These commands act on the database directly, so run them as an administrator
+on the server host, with the same OTAFLOW_DATABASE_URL as the web app.
+"""
 
 from __future__ import annotations
 
-import typer
+import getpass
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
 
-app = typer.Typer(no_args_is_help=True)
+import typer
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col, select
+
+from otaflow.db import make_engine
+from otaflow.errors import InvalidInputError
+from otaflow.models import ApiToken
+from otaflow.settings import Settings, load_settings
+from otaflow.tokens import create_api_token, parse_scopes, revoke_api_token
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(no_args_is_help=True, help=__doc__)
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[Engine]:
+    """Create an engine for the settings' database, exiting 1 on a database error."""
+    url = settings.resolved_database_url
+    engine = make_engine(url)
+    try:
+        yield engine
+    except SQLAlchemyError as error:
+        shown = make_url(url).render_as_string(hide_password=True)
+        typer.echo(
+            f"error: the database at {shown} failed ({type(error).__name__}:"
+            f" {error.args[0] if error.args else error}); check"
+            " OTAFLOW_DATABASE_URL, or create the tables with 'otaflow dev up'",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+
+
+def _invalid(error: InvalidInputError) -> typer.Exit:
+    typer.echo(f"error: {error.field} {error.value!r}: {error.message}", err=True)
+    return typer.Exit(2)
+
+
+def _administrator() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="Token name, such as the CI job's.")],
+    scope: Annotated[
+        list[str],
+        typer.Option(help="releases:read or releases:write (which includes read)."),
+    ],
+    save: Annotated[
+        bool,
+        typer.Option(help="Also write the token to the CLI token file, mode 0600."),
+    ] = False,
+) -> None:
+    """Create a token and print it; it is shown only this once."""
+    settings = load_settings()
+    try:
+        scopes = parse_scopes(scope)
+        with _database(settings) as engine:
+            token = create_api_token(engine, name, scopes, _administrator())
+    except InvalidInputError as error:
+        raise _invalid(error) from None
+    typer.echo(token)
+    typer.echo("Store the token now; otaflow keeps only its hash.", err=True)
+    if save:
+        path = settings.cli_token_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(token + "\n")
+        typer.echo(f"Saved to {path} for the otaflow CLI.", err=True)
+
+
+@app.command("list")
+def list_tokens(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of text.")
+    ] = False,
+) -> None:
+    """List tokens (never their secrets), oldest first."""
+    with _database(load_settings()) as engine, Session(engine) as session:
+        rows = session.exec(select(ApiToken).order_by(col(ApiToken.id))).all()
+    if json_output:
+        typer.echo(
+            json.dumps(
+                [row.model_dump(mode="json", exclude={"token_hash"}) for row in rows],
+                indent=2,
+            )
+        )
+        return
+    for row in rows:
+        state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+        used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
+        typer.echo(
+            f"{row.id}  {row.name}  {row.scopes}  {state}  last used {used}"
+            f"  created by {row.created_by}"
+        )
+
+
+@app.command()
+def revoke(
+    token_id: Annotated[int, typer.Argument(help="Token id from 'tokens list'.")],
+) -> None:
+    """Revoke a token; requests with it are refused from now on."""
+    try:
+        with _database(load_settings()) as engine:
+            row = revoke_api_token(engine, token_id, _administrator())
+    except InvalidInputError as error:
+        raise _invalid(error) from None
+    typer.echo(f"revoked token {row.id} ({row.name})")
