@@ -7,6 +7,8 @@ from sqlmodel import Session
 from otaflow.models import AuditEntry
 
 
-def record_audit(session: Session, actor: str, action: str, target: str = "", detail: str = "") -> None:
+def record_audit(
+    session: Session, actor: str, action: str, target: str = "", detail: str = ""
+) -> None:
     """Add an audit entry to ``session``; it is written when the session commits."""
     session.add(AuditEntry(actor=actor, action=action, target=target, detail=detail))

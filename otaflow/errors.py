@@ -3,7 +3,7 @@
 Every error the project raises on purpose derives from ``OtaflowError``::
 
     OtaflowError
-    ├── InvalidInputError        a field from CI, a browser, a file or a device is invalid
+    ├── InvalidInputError        a field from CI, a browser, a file or a device
     │   └── PolicyError          a rollout policy file is invalid
     ├── ConflictError            the request contradicts what is already stored
     ├── NotFoundError            a release, device or object does not exist

@@ -92,14 +92,22 @@ class FirmwareVersion:
             return NotImplemented
         return self._precedence_key() < other._precedence_key()
 
-    def _precedence_key(self) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
+    def _precedence_key(
+        self,
+    ) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
         # A version without pre-release ranks above any of its pre-releases, and
         # numeric identifiers rank below alphanumeric ones (SemVer 2.0.0, item 11).
         identifiers = tuple(
             (0, int(part), "") if part.isdigit() else (1, 0, part)
             for part in self.prerelease
         )
-        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, identifiers)
+        return (
+            self.major,
+            self.minor,
+            self.patch,
+            0 if self.prerelease else 1,
+            identifiers,
+        )
 
 
 def parse_version(field: str, text: str) -> FirmwareVersion:

@@ -46,7 +46,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["otaflow.manifest.v1"] = MANIFEST_TYPE
+    type: Literal["otaflow.manifest.v1"] = "otaflow.manifest.v1"
     release_id: str = Field(min_length=1, max_length=200)
     product: Name
     hardware: Name
@@ -170,7 +170,9 @@ class TrustedKey(BaseModel):
     revoked: bool = False
 
     @classmethod
-    def from_public_key(cls, public_key: Ed25519PublicKey, **validity: Any) -> TrustedKey:
+    def from_public_key(
+        cls, public_key: Ed25519PublicKey, **validity: Any
+    ) -> TrustedKey:
         raw = public_key.public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
@@ -243,7 +245,8 @@ def verify_manifest(
     if now >= manifest.expires:
         raise _reject(
             FailureReason.MANIFEST_EXPIRED,
-            f"manifest expired at {manifest.expires.isoformat()}, now is {now.isoformat()}",
+            f"manifest expired at {manifest.expires.isoformat()}, now is"
+            f" {now.isoformat()}",
         )
     if manifest.product != product:
         raise _reject(
@@ -258,7 +261,8 @@ def verify_manifest(
     if manifest.target_groups and group not in manifest.target_groups:
         raise _reject(
             FailureReason.WRONG_TARGET,
-            f"manifest targets groups {list(manifest.target_groups)}, device is in {group!r}",
+            f"manifest targets groups {list(manifest.target_groups)}, device is in"
+            f" {group!r}",
         )
     if manifest.security_version < highest_security_version:
         raise _reject(
@@ -274,7 +278,9 @@ def _check_signature(
 ) -> None:
     trusted = trust.keys.get(signed.key_id)
     if trusted is None:
-        raise _reject(FailureReason.UNKNOWN_KEY, f"key id {signed.key_id!r} is not trusted")
+        raise _reject(
+            FailureReason.UNKNOWN_KEY, f"key id {signed.key_id!r} is not trusted"
+        )
     if trusted.revoked:
         raise _reject(FailureReason.KEY_REVOKED, f"key {signed.key_id} is revoked")
     if trusted.not_before is not None and now < trusted.not_before:

@@ -1,4 +1,4 @@
-"""Database tables (SQLModel over SQLAlchemy; SQLite by default, PostgreSQL in production).
+"""Database tables: SQLModel over SQLAlchemy, on SQLite by default or PostgreSQL.
 
 Per-device events never pass through workflow history: the ingest writes them
 here and the release workflow's activities read aggregates. ``ReleaseTarget``
@@ -9,10 +9,17 @@ forward-only state rank so that repeated or reordered messages are harmless.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Dialect, Index, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -34,7 +41,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: store timezone-aware UTC times")
+            raise ValueError(
+                f"naive datetime {value!r}: store timezone-aware UTC times"
+            )
         return value.astimezone(UTC)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
@@ -114,7 +123,9 @@ class Release(SQLModel, table=True):
     started_by: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
     updated_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
-    finished_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    finished_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
 
 
 class ReleaseWave(SQLModel, table=True):
@@ -130,8 +141,12 @@ class ReleaseWave(SQLModel, table=True):
     reason: str | None = Field(default=None, sa_column=Column(Text))
     decided_by: str | None = Field(default=None, max_length=200)
     counts_json: str | None = Field(default=None, sa_column=Column(Text))
-    started_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
-    finished_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    started_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
+    finished_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
 
 
 class ReleaseTarget(SQLModel, table=True):
@@ -141,7 +156,9 @@ class ReleaseTarget(SQLModel, table=True):
     ingest can move a device forward with one conditional UPDATE.
     """
 
-    __table_args__ = (Index("ix_release_target_wave_rank", "release_id", "wave_index", "state_rank"),)
+    __table_args__ = (
+        Index("ix_release_target_wave_rank", "release_id", "wave_index", "state_rank"),
+    )
 
     release_id: str = Field(primary_key=True, max_length=200)
     device_id: str = Field(primary_key=True, max_length=128, index=True)
@@ -153,7 +170,9 @@ class ReleaseTarget(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=40)
     detail: str | None = Field(default=None, sa_column=Column(Text))
     from_version: str | None = Field(default=None, max_length=100)
-    dispatched_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    dispatched_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
     updated_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
 
 
@@ -174,10 +193,19 @@ class DeviceEvent(SQLModel, table=True):
 
 
 class ReleaseEvent(SQLModel, table=True):
-    """A step in a release's timeline: verify, sign, store, waves, rollback."""
+    """A step in a release's timeline: verify, sign, store, waves, rollback.
+
+    ``(release_id, run_id, sequence)`` is unique, so a retried activity that
+    already wrote an entry does not write it twice.
+    """
+
+    __table_args__ = (UniqueConstraint("release_id", "run_id", "sequence"),)
 
     id: int | None = Field(default=None, primary_key=True)
     release_id: str = Field(index=True, max_length=200)
+    run_id: str = Field(max_length=64)
+    sequence: int
+    phase: str = Field(max_length=32)
     stage: str = Field(max_length=64)
     message: str = Field(sa_column=Column(Text, nullable=False))
     at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
@@ -203,5 +231,9 @@ class ApiToken(SQLModel, table=True):
     scopes: str = Field(max_length=200, description="Space-separated scopes.")
     created_by: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
-    revoked_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
-    last_used_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
+    last_used_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )

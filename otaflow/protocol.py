@@ -87,7 +87,9 @@ class DeviceState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-STATE_RANK: dict[DeviceState, int] = {state: rank for rank, state in enumerate(DeviceState)}
+STATE_RANK: dict[DeviceState, int] = {
+    state: rank for rank, state in enumerate(DeviceState)
+}
 FINISHED_STATES = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED})
 DEVICE_REPORTED_STATES = frozenset(DeviceState) - {
     DeviceState.PENDING,
@@ -227,9 +229,7 @@ def decode_command(payload: bytes) -> InstallCommand | RollbackCommand | CancelC
     return COMMAND_ADAPTER.validate_json(payload)
 
 
-def decode_report(
-    topic: str, payload: bytes, received_at: datetime
-) -> DeviceReport:
+def decode_report(topic: str, payload: bytes, received_at: datetime) -> DeviceReport:
     """Parse a device-to-server message.
 
     Raises ``ValueError`` (``pydantic.ValidationError`` is one) when the topic
@@ -250,7 +250,9 @@ def decode_report(
         raise ValueError(f"devices do not publish on {channel.value!r} topics")
     claimed = getattr(message, "device_id", device_id)
     if claimed != device_id:
-        raise ValueError(f"payload device_id {claimed!r} does not match topic {topic!r}")
+        raise ValueError(
+            f"payload device_id {claimed!r} does not match topic {topic!r}"
+        )
     return DeviceReport(
         device_id=device_id, channel=channel, message=message, received_at=received_at
     )

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="JSON file of the public keys devices trust.",
     )
     presign_expiry_s: int = Field(default=3600, ge=60, le=SEVEN_DAYS_S)
+    manifest_validity_s: int = Field(
+        default=30 * 24 * 3600,
+        gt=0,
+        description="How long a signed manifest stays valid; covers the whole release.",
+    )
     dispatch_rate_per_s: float = Field(default=500.0, gt=0)
     max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     await_poll_interval_s: float = Field(default=1.0, gt=0)

@@ -50,7 +50,8 @@ class FirmwareStore:
         if not settings.s3_access_key or not settings.s3_secret_key:
             raise StorageError(
                 "S3 credentials are missing: set OTAFLOW_S3_ACCESS_KEY and"
-                f" OTAFLOW_S3_SECRET_KEY, or run 'otaflow dev up' to create {settings.env_file}"
+                " OTAFLOW_S3_SECRET_KEY, or run 'otaflow dev up' to create"
+                f" {settings.env_file}"
             )
         self.bucket = settings.s3_bucket
         self._client = Minio(
@@ -77,7 +78,9 @@ class FirmwareStore:
                 self._client.make_bucket(self.bucket)
                 logger.info("created bucket %s", self.bucket)
         except (S3Error, HTTPError) as error:
-            raise StorageError(f"cannot create bucket {self.bucket!r}: {error}") from error
+            raise StorageError(
+                f"cannot create bucket {self.bucket!r}: {error}"
+            ) from error
 
     def put_file(self, key: str, path: Path) -> None:
         try:
@@ -85,7 +88,9 @@ class FirmwareStore:
         except (S3Error, HTTPError) as error:
             raise StorageError(f"upload of {key!r} failed: {error}") from error
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         try:
             self._client.put_object(
                 self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
@@ -150,17 +155,42 @@ class FirmwareStore:
         except NotFoundError:
             return None
 
-    def copy_stream(self, source_key: str, target_key: str, size: int) -> None:
-        """Copy an object by streaming it through this process.
+    def copy_verified(
+        self, source_key: str, target_key: str, size: int, sha256: str
+    ) -> None:
+        """Copy an object, checking on the way that it still has ``sha256``.
 
-        The S3 server-side copy would be cheaper, but streaming keeps to the
-        small subset of the API that every S3 server implements alike.
+        The bytes stream through this process instead of using the S3
+        server-side copy, so the hash is computed on exactly what is written.
+        A mismatch (the source was replaced after verification) removes the
+        copy and raises ``ConflictError``.
         """
-        reader = _ChunkReader(self.iter_chunks(source_key))
+        reader = _HashingReader(self.iter_chunks(source_key))
         try:
-            self._client.put_object(self.bucket, target_key, reader, size)
+            self._client.put_object(self.bucket, target_key, reader, size)  # type: ignore[arg-type]
         except (S3Error, HTTPError) as error:
-            raise StorageError(f"copy of {source_key!r} to {target_key!r} failed: {error}") from error
+            raise StorageError(
+                f"copy of {source_key!r} to {target_key!r} failed: {error}"
+            ) from error
+        except ValueError as error:
+            # put_object raises ValueError when the stream is shorter than size.
+            self._remove_quietly(target_key)
+            raise ConflictError(
+                f"{source_key!r} changed after verification: {error}"
+            ) from None
+        actual = reader.hexdigest()
+        if actual != sha256 or reader.size != size:
+            self._remove_quietly(target_key)
+            raise ConflictError(
+                f"{source_key!r} changed after verification: SHA-256 {actual},"
+                f" expected {sha256}"
+            )
+
+    def _remove_quietly(self, key: str) -> None:
+        try:
+            self._client.remove_object(self.bucket, key)
+        except (S3Error, HTTPError) as error:
+            logger.warning("cannot remove %s after a failed copy: %s", key, error)
 
     def delete(self, key: str) -> None:
         try:
@@ -172,14 +202,16 @@ class FirmwareStore:
         try:
             return [
                 item.object_name
-                for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                for item in self._client.list_objects(
+                    self.bucket, prefix=prefix, recursive=True
+                )
                 if item.object_name is not None
             ]
         except (S3Error, HTTPError) as error:
             raise StorageError(f"cannot list {prefix!r}: {error}") from error
 
     def presigned_download_url(self, key: str, expiry_s: int) -> str:
-        """A GET URL for devices, valid for ``expiry_s`` seconds (S3 allows up to 7 days)."""
+        """A GET URL for devices, valid for ``expiry_s`` seconds (S3 allows 7 days)."""
         return str(
             self._device_client.presigned_get_object(
                 self.bucket, key, expires=timedelta(seconds=expiry_s)
@@ -187,12 +219,17 @@ class FirmwareStore:
         )
 
 
-class _ChunkReader(io.RawIOBase):
-    """A file-like view of a chunk iterator, for ``put_object``."""
+class _HashingReader(io.RawIOBase):
+    """A file-like view of a chunk iterator that hashes what ``put_object`` reads."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
         self._buffer = b""
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
     def readable(self) -> bool:
         return True
@@ -207,5 +244,6 @@ class _ChunkReader(io.RawIOBase):
             data, self._buffer = self._buffer, b""
         else:
             data, self._buffer = self._buffer[:size], self._buffer[size:]
+        self._hash.update(data)
+        self.size += len(data)
         return data
-

@@ -16,7 +16,12 @@ PHASE_ATTRIBUTE = SearchAttributeKey.for_keyword("OtaflowPhase")
 # Registered by ``otaflow dev up`` (``temporal server start-dev --search-attribute``)
 # and by the test environments, so on-call engineers can filter releases in the
 # Temporal UI, for example ``OtaflowProduct = "gateway" AND OtaflowPhase = "held"``.
-SEARCH_ATTRIBUTES = (PRODUCT_ATTRIBUTE, HARDWARE_ATTRIBUTE, VERSION_ATTRIBUTE, PHASE_ATTRIBUTE)
+SEARCH_ATTRIBUTES = (
+    PRODUCT_ATTRIBUTE,
+    HARDWARE_ATTRIBUTE,
+    VERSION_ATTRIBUTE,
+    PHASE_ATTRIBUTE,
+)
 
 
 async def connect_temporal(settings: Settings) -> Client:

@@ -33,14 +33,20 @@ def parse_scopes(values: list[str]) -> list[Scope]:
             scopes.append(Scope(value))
         except ValueError:
             allowed = ", ".join(scope.value for scope in Scope)
-            raise InvalidInputError("scope", value, f"unknown scope; use one of {allowed}") from None
+            raise InvalidInputError(
+                "scope", value, f"unknown scope; use one of {allowed}"
+            ) from None
     return scopes
 
 
-def create_api_token(engine: Engine, name: str, scopes: list[Scope], created_by: str) -> str:
+def create_api_token(
+    engine: Engine, name: str, scopes: list[Scope], created_by: str
+) -> str:
     """Create a token and return its secret, which is shown once and never stored."""
     if not name.strip():
-        raise InvalidInputError("name", name, "give the token a name, such as the CI job's")
+        raise InvalidInputError(
+            "name", name, "give the token a name, such as the CI job's"
+        )
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with session_scope(engine) as session:
         session.add(
@@ -72,7 +78,11 @@ def revoke_api_token(engine: Engine, token_id: int, actor: str) -> ApiToken:
     with session_scope(engine) as session:
         row = session.get(ApiToken, token_id)
         if row is None:
-            raise InvalidInputError("token_id", token_id, "no such token; list them with 'otaflow tokens list'")
+            raise InvalidInputError(
+                "token_id",
+                token_id,
+                "no such token; list them with 'otaflow tokens list'",
+            )
         if row.revoked_at is None:
             row.revoked_at = utc_now()
             session.add(row)

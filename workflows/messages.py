@@ -272,12 +272,20 @@ class CancelInput(_Model):
 
 
 class ReleaseRecord(_Model):
-    """A change of phase to write to the database and the release timeline."""
+    """A change of phase to write to the database and the release timeline.
+
+    ``run_id`` and ``sequence`` identify the entry, so a retried activity
+    writes it once. The first record of a run carries the request, so that a
+    release started without the API still gets its database row.
+    """
 
     release_id: str
+    run_id: str
+    sequence: int
     phase: ReleasePhase
     stage: str
     message: str
     current_wave: int | None = None
     wave: WaveSummary | None = None
     final: bool = False
+    request: ReleaseRequest | None = None

@@ -74,13 +74,15 @@ class RolloutPolicy(BaseModel):
         for index, stage in enumerate(self.stages):
             if stage.name in names:
                 raise ValueError(
-                    f"stages[{index}].name: {stage.name!r} is used twice; give each stage its own name"
+                    f"stages[{index}].name: {stage.name!r} is used twice; give each"
+                    " stage its own name"
                 )
             names.add(stage.name)
             if stage.percent <= previous:
                 raise ValueError(
-                    f"stages[{index}].percent: {stage.percent:g} is not above the previous"
-                    f" stage's {previous:g}; percentages are cumulative and must increase"
+                    f"stages[{index}].percent: {stage.percent:g} is not above the"
+                    f" previous stage's {previous:g}; percentages are cumulative and"
+                    " must increase"
                 )
             previous = stage.percent
         return self
@@ -91,15 +93,15 @@ class _StageInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    percent: float
-    min_devices: int | None = None
+    name: str = Field(min_length=1, max_length=64)
+    percent: float = Field(gt=0, le=100)
+    min_devices: int | None = Field(default=None, ge=0)
     gate: GateMode | None = None
-    bake_s: float | None = None
-    success_threshold: float | None = None
-    max_failures: int | None = None
-    min_finished: int | None = None
-    device_deadline_s: float | None = None
+    bake_s: float | None = Field(default=None, ge=0)
+    success_threshold: float | None = Field(default=None, gt=0, le=1)
+    max_failures: int | None = Field(default=None, ge=0)
+    min_finished: int | None = Field(default=None, ge=0)
+    device_deadline_s: float | None = Field(default=None, gt=0)
     on_failure: FailureAction | None = None
 
 
@@ -107,11 +109,11 @@ class _Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gate: GateMode = GateMode.AUTO
-    bake_s: float = 60.0
-    success_threshold: float = 0.95
-    max_failures: int | None = None
-    min_finished: int = 1
-    device_deadline_s: float = 900.0
+    bake_s: float = Field(default=60.0, ge=0)
+    success_threshold: float = Field(default=0.95, gt=0, le=1)
+    max_failures: int | None = Field(default=None, ge=0)
+    min_finished: int = Field(default=1, ge=0)
+    device_deadline_s: float = Field(default=900.0, gt=0)
     on_failure: FailureAction = FailureAction.ROLL_BACK
 
 
@@ -125,7 +127,7 @@ class _PolicyInput(BaseModel):
     skip_offline: bool = True
     four_eyes: bool = True
     lab_devices_first: bool = False
-    dispatch_rate_per_s: float | None = None
+    dispatch_rate_per_s: float | None = Field(default=None, gt=0)
 
 
 def resolve_policy(document: Any, source: str = "policy") -> RolloutPolicy:
@@ -152,7 +154,9 @@ def resolve_policy(document: Any, source: str = "policy") -> RolloutPolicy:
 
 def _resolve_stage(stage: _StageInput, defaults: _Defaults) -> StagePolicy:
     explicit = stage.model_dump(exclude_none=True)
-    return StagePolicy.model_validate({**defaults.model_dump(), "min_devices": 0, **explicit})
+    return StagePolicy.model_validate(
+        {**defaults.model_dump(), "min_devices": 0, **explicit}
+    )
 
 
 def _policy_error(error: ValidationError, source: str) -> PolicyError:
@@ -175,7 +179,11 @@ def load_policy(path: Path | None = None, text: str | None = None) -> RolloutPol
 
     if text is None:
         if path is None:
-            text = resources.files("workflows").joinpath(DEFAULT_POLICY_RESOURCE).read_text()
+            text = (
+                resources.files("workflows")
+                .joinpath(DEFAULT_POLICY_RESOURCE)
+                .read_text()
+            )
             source = "the default policy"
         else:
             text = path.read_text()
@@ -207,7 +215,9 @@ class PlannedDevice(BaseModel):
     lab: bool = False
 
 
-def rollout_order(devices: Iterable[PlannedDevice], seed: str, lab_first: bool) -> list[str]:
+def rollout_order(
+    devices: Iterable[PlannedDevice], seed: str, lab_first: bool
+) -> list[str]:
     """Order devices by a stable hash of the seed and device id.
 
     The same fleet and seed always give the same order, so the same devices
@@ -290,14 +300,17 @@ def evaluate_wave(stage: StagePolicy, counts: WaveCounts) -> WaveVerdict:
             healthy=False,
             reason=(
                 f"{summary}; only {counts.finished} finished, at least"
-                f" {max(stage.min_finished, 1)} needed to judge the wave: held for a decision"
+                f" {max(stage.min_finished, 1)} needed to judge the wave: held for a"
+                " decision"
             ),
         )
     if failing is None:
         return WaveVerdict(
             decision=WaveDecision.PROMOTE,
             healthy=True,
-            reason=f"{summary}, threshold {_percent(stage.success_threshold)} of finished",
+            reason=(
+                f"{summary}, threshold {_percent(stage.success_threshold)} of finished"
+            ),
         )
     if stage.on_failure is FailureAction.PAUSE:
         return WaveVerdict(
@@ -331,7 +344,9 @@ def describe_counts(stage_name: str, counts: WaveCounts) -> str:
     text = f"{stage_name}: {counts.succeeded} of {counts.targeted} succeeded"
     if counts.failed:
         reasons = ", ".join(
-            f"{count} {reason}" if count > 1 or len(counts.failure_reasons) > 1 else reason
+            f"{count} {reason}"
+            if count > 1 or len(counts.failure_reasons) > 1
+            else reason
             for reason, count in sorted(counts.failure_reasons.items())
         )
         text += f", {counts.failed} failed" + (f" ({reasons})" if reasons else "")

@@ -1,0 +1,175 @@
+"""Activities that send install, rollback and cancel commands over MQTT.
+
+Commands go out at QoS 1 and are never retained: a retained install command
+would be replayed to a device every time it subscribes. Devices ignore a
+repeated command for a release they already handled, so a retried activity
+may safely send a command twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from datetime import timedelta
+
+import aiomqtt
+from sqlalchemy import Engine
+from temporalio import activity
+
+from activities.target_queries import (
+    in_flight_device_ids,
+    mark_dispatched,
+    pending_device_ids,
+    rollback_device_ids,
+)
+from otaflow.models import utc_now
+from otaflow.mqtt import command_client
+from otaflow.protocol import (
+    CancelCommand,
+    Channel,
+    InstallCommand,
+    RollbackCommand,
+    device_topic,
+    encode,
+)
+from otaflow.settings import Settings
+from otaflow.storage import FirmwareStore
+from workflows.messages import (
+    CancelInput,
+    DispatchResult,
+    DispatchWaveInput,
+    RollbackInput,
+)
+
+BATCH = 500
+
+
+class RatePacer:
+    """Spaces sends so that no more than ``rate_per_s`` start in any second."""
+
+    def __init__(self, rate_per_s: float) -> None:
+        self._interval = 1.0 / rate_per_s
+        self._next = time.monotonic()
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        if self._next > now:
+            await asyncio.sleep(self._next - now)
+        self._next = max(self._next, now) + self._interval
+
+
+class DispatchActivities:
+    def __init__(
+        self, settings: Settings, engine: Engine, store: FirmwareStore
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._store = store
+
+    @activity.defn(name="dispatch_wave")
+    async def dispatch_wave(self, request: DispatchWaveInput) -> DispatchResult:
+        rate = request.dispatch_rate_per_s or self._settings.dispatch_rate_per_s
+        url = await asyncio.to_thread(
+            self._store.presigned_download_url,
+            request.image_key,
+            self._settings.presign_expiry_s,
+        )
+        sent = 0
+        async with command_client(self._settings, "dispatch") as client:
+            pacer = RatePacer(rate)
+            while device_ids := await asyncio.to_thread(
+                pending_device_ids,
+                self._engine,
+                request.release_id,
+                request.wave_index,
+                BATCH,
+            ):
+                now = utc_now()
+                install = InstallCommand(
+                    command_id="-",
+                    release_id=request.release_id,
+                    manifest=request.signed.manifest_json,
+                    signature=request.signed.signature,
+                    key_id=request.signed.key_id,
+                    url=url,
+                    deadline=now + timedelta(seconds=request.device_deadline_s),
+                    issued_at=now,
+                )
+                await _publish_all(client, device_ids, install, pacer)
+                await asyncio.to_thread(
+                    mark_dispatched, self._engine, request.release_id, device_ids, now
+                )
+                sent += len(device_ids)
+                activity.heartbeat(sent)
+        activity.logger.info(
+            "release %s wave %d: install command sent to %d devices",
+            request.release_id,
+            request.wave_index,
+            sent,
+        )
+        return DispatchResult(dispatched=sent)
+
+    @activity.defn(name="dispatch_rollback")
+    async def dispatch_rollback(self, request: RollbackInput) -> DispatchResult:
+        sent = 0
+        last_id = ""
+        async with command_client(self._settings, "rollback") as client:
+            pacer = RatePacer(self._settings.dispatch_rate_per_s)
+            while device_ids := await asyncio.to_thread(
+                rollback_device_ids, self._engine, request.release_id, last_id, BATCH
+            ):
+                rollback = RollbackCommand(
+                    command_id="-", release_id=request.release_id, issued_at=utc_now()
+                )
+                await _publish_all(client, device_ids, rollback, pacer)
+                sent += len(device_ids)
+                last_id = device_ids[-1]
+                activity.heartbeat(last_id)
+        activity.logger.info(
+            "release %s: rollback command sent to %d devices", request.release_id, sent
+        )
+        return DispatchResult(dispatched=sent)
+
+    @activity.defn(name="cancel_wave")
+    async def cancel_wave(self, request: CancelInput) -> DispatchResult:
+        device_ids = await asyncio.to_thread(
+            in_flight_device_ids, self._engine, request.release_id, request.wave_index
+        )
+        cancel = CancelCommand(
+            command_id="-", release_id=request.release_id, issued_at=utc_now()
+        )
+        pacer = RatePacer(self._settings.dispatch_rate_per_s)
+        async with command_client(self._settings, "cancel") as client:
+            await _publish_all(client, device_ids, cancel, pacer)
+        activity.logger.info(
+            "release %s wave %d: cancel command sent to %d devices",
+            request.release_id,
+            request.wave_index,
+            len(device_ids),
+        )
+        return DispatchResult(dispatched=len(device_ids))
+
+
+async def _publish_all(
+    client: aiomqtt.Client,
+    device_ids: Sequence[str],
+    template: InstallCommand | RollbackCommand | CancelCommand,
+    pacer: RatePacer,
+) -> None:
+    """Publish ``template`` to each device with a fresh command id, paced.
+
+    Returns once the broker has acknowledged every message (QoS 1 PUBACK).
+    """
+    pending: list[Awaitable[None]] = []
+    for device_id in device_ids:
+        await pacer.wait()
+        topic = device_topic(device_id, Channel.COMMANDS)
+        command = template.model_copy(update={"command_id": uuid.uuid4().hex})
+        pending.append(
+            asyncio.ensure_future(
+                client.publish(topic, encode(command), qos=1, retain=False)
+            )
+        )
+    await asyncio.gather(*pending)

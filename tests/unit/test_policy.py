@@ -1,0 +1,253 @@
+"""The pure rollout policy: loading, wave sizes, stable ordering and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from otaflow.errors import PolicyError
+from workflows.policy import (
+    FailureAction,
+    GateMode,
+    PlannedDevice,
+    StagePolicy,
+    WaveCounts,
+    WaveDecision,
+    default_policy,
+    evaluate_wave,
+    load_policy,
+    resolve_policy,
+    rollout_order,
+    wave_sizes,
+)
+
+
+def stage(**overrides: Any) -> StagePolicy:
+    values: dict[str, Any] = {
+        "name": "canary",
+        "percent": 5,
+        "gate": GateMode.AUTO,
+        "bake_s": 0,
+        "success_threshold": 0.95,
+        "max_failures": None,
+        "min_finished": 1,
+        "device_deadline_s": 60,
+        "on_failure": FailureAction.ROLL_BACK,
+    }
+    return StagePolicy(**{**values, **overrides})
+
+
+def test_default_policy_has_canary_early_fleet() -> None:
+    policy = default_policy()
+    assert [s.name for s in policy.stages] == ["canary", "early", "fleet"]
+    assert [s.percent for s in policy.stages] == [5, 25, 100]
+    assert policy.stages[0].min_devices == 2
+    assert {s.gate for s in policy.stages} == {GateMode.AUTO}
+
+
+def test_policy_stage_inherits_defaults() -> None:
+    policy = resolve_policy(
+        {
+            "defaults": {"bake_s": 5, "success_threshold": 0.9},
+            "stages": [
+                {"name": "a", "percent": 50, "bake_s": 1},
+                {"name": "b", "percent": 100},
+            ],
+        }
+    )
+    assert policy.stages[0].bake_s == 1
+    assert policy.stages[1].bake_s == 5
+    assert policy.stages[1].success_threshold == 0.9
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "fragment"),
+    [
+        ({"stages": []}, "stages", "at least 1"),
+        (
+            {"stages": [{"name": "a", "percent": 50}, {"name": "b", "percent": 40}]},
+            "stages[1].percent",
+            "must increase",
+        ),
+        (
+            {"stages": [{"name": "a", "percent": 50}, {"name": "a", "percent": 90}]},
+            "stages[1].name",
+            "used twice",
+        ),
+        ({"stages": [{"name": "a", "percent": 150}]}, "stages[0].percent", "100"),
+        (
+            {"stages": [{"name": "a", "percent": 10, "gate": "maybe"}]},
+            "stages[0].gate",
+            "",
+        ),
+        (
+            {"stages": [{"name": "a", "percent": 10}], "colour": "red"},
+            "colour",
+            "Extra",
+        ),
+        (
+            {
+                "defaults": {"success_threshold": 1.5},
+                "stages": [{"name": "a", "percent": 9}],
+            },
+            "defaults.success_threshold",
+            "1",
+        ),
+    ],
+)
+def test_policy_invalid_names_field(
+    document: dict[str, Any], field: str, fragment: str
+) -> None:
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy(document, "test.yaml")
+    assert caught.value.field == field
+    assert fragment in caught.value.message
+
+
+def test_policy_yaml_syntax_error_is_policy_error() -> None:
+    with pytest.raises(PolicyError, match="invalid YAML"):
+        load_policy(text="stages: [")
+
+
+def test_policy_yaml_must_be_mapping() -> None:
+    with pytest.raises(PolicyError, match="mapping"):
+        load_policy(text="- 1\n- 2\n")
+
+
+@pytest.mark.parametrize(
+    ("fleet", "expected"),
+    [
+        (50, [3, 10, 37]),
+        (3, [2, 0, 1]),
+        (1, [1, 0, 0]),
+        (0, [0, 0, 0]),
+        (1000, [50, 200, 750]),
+    ],
+)
+def test_wave_sizes_default_policy(fleet: int, expected: list[int]) -> None:
+    assert wave_sizes(default_policy().stages, fleet) == expected
+
+
+def test_wave_sizes_cover_fleet_exactly() -> None:
+    for fleet in range(0, 500):
+        assert sum(wave_sizes(default_policy().stages, fleet)) == fleet
+
+
+def test_wave_sizes_partial_rollout_stops_at_percent() -> None:
+    stages = [stage(name="a", percent=10), stage(name="b", percent=50)]
+    assert wave_sizes(stages, 100) == [10, 40]
+
+
+def test_rollout_order_is_stable() -> None:
+    devices = [PlannedDevice(device_id=f"dev-{i}") for i in range(100)]
+    first = rollout_order(devices, "gw", lab_first=False)
+    second = rollout_order(list(reversed(devices)), "gw", lab_first=False)
+    assert first == second
+
+
+def test_rollout_order_depends_on_seed() -> None:
+    devices = [PlannedDevice(device_id=f"dev-{i}") for i in range(100)]
+    assert (
+        rollout_order(devices, "a", False)[:5] != rollout_order(devices, "b", False)[:5]
+    )
+
+
+def test_rollout_order_canary_survives_fleet_growth() -> None:
+    devices = [PlannedDevice(device_id=f"dev-{i}") for i in range(100)]
+    grown = devices + [PlannedDevice(device_id=f"new-{i}") for i in range(5)]
+    before = rollout_order(devices, "gw", False)
+    after = [d for d in rollout_order(grown, "gw", False) if d.startswith("dev-")]
+    assert before == after
+
+
+def test_rollout_order_puts_lab_devices_first() -> None:
+    devices = [PlannedDevice(device_id=f"dev-{i}") for i in range(50)]
+    devices.append(PlannedDevice(device_id="lab-1", lab=True))
+    assert rollout_order(devices, "gw", lab_first=True)[0] == "lab-1"
+
+
+def test_evaluate_all_succeeded_promotes() -> None:
+    verdict = evaluate_wave(stage(), WaveCounts(targeted=20, succeeded=20))
+    assert verdict.decision is WaveDecision.PROMOTE
+    assert verdict.reason.startswith("canary: 20 of 20 succeeded")
+
+
+def test_evaluate_rate_uses_finished_denominator() -> None:
+    counts = WaveCounts(
+        targeted=20,
+        succeeded=19,
+        failed=1,
+        failure_reasons={"download_timeout": 1},
+    )
+    verdict = evaluate_wave(stage(), counts)
+    assert verdict.decision is WaveDecision.PROMOTE
+    assert "1 failed (download_timeout)" in verdict.reason
+    assert "threshold 95% of finished" in verdict.reason
+
+
+def test_evaluate_in_progress_not_in_denominator() -> None:
+    counts = WaveCounts(targeted=40, succeeded=19, failed=1, in_progress=20)
+    assert evaluate_wave(stage(), counts).decision is WaveDecision.PROMOTE
+
+
+def test_evaluate_below_threshold_rolls_back() -> None:
+    counts = WaveCounts(
+        targeted=20, succeeded=18, failed=2, failure_reasons={"boot_failed": 2}
+    )
+    verdict = evaluate_wave(stage(), counts)
+    assert verdict.decision is WaveDecision.ROLL_BACK
+    assert "90% of finished is below the threshold of 95%" in verdict.reason
+
+
+def test_evaluate_threshold_is_inclusive() -> None:
+    counts = WaveCounts(targeted=20, succeeded=19, failed=1)
+    verdict = evaluate_wave(stage(success_threshold=0.95), counts)
+    assert verdict.decision is WaveDecision.PROMOTE
+
+
+def test_evaluate_max_failures_rolls_back_despite_rate() -> None:
+    counts = WaveCounts(targeted=1000, succeeded=990, failed=10)
+    verdict = evaluate_wave(stage(success_threshold=0.9, max_failures=5), counts)
+    assert verdict.decision is WaveDecision.ROLL_BACK
+    assert "10 failures exceed the maximum of 5" in verdict.reason
+
+
+def test_evaluate_max_failures_zero_allows_none() -> None:
+    counts = WaveCounts(targeted=100, succeeded=99, failed=1)
+    verdict = evaluate_wave(stage(success_threshold=0.5, max_failures=0), counts)
+    assert verdict.decision is WaveDecision.ROLL_BACK
+
+
+def test_evaluate_deadline_failures_count_as_failed() -> None:
+    counts = WaveCounts(
+        targeted=3, succeeded=2, failed=1, failure_reasons={"deadline_exceeded": 1}
+    )
+    verdict = evaluate_wave(stage(), counts)
+    assert verdict.decision is WaveDecision.ROLL_BACK
+    assert "deadline_exceeded" in verdict.reason
+
+
+def test_evaluate_minimum_sample_holds() -> None:
+    counts = WaveCounts(targeted=10, succeeded=2, in_progress=8)
+    verdict = evaluate_wave(stage(min_finished=5), counts)
+    assert verdict.decision is WaveDecision.HOLD
+    assert "at least 5 needed" in verdict.reason
+
+
+def test_evaluate_nothing_finished_holds() -> None:
+    verdict = evaluate_wave(stage(), WaveCounts(targeted=5, in_progress=5))
+    assert verdict.decision is WaveDecision.HOLD
+
+
+def test_evaluate_failure_pauses_when_configured() -> None:
+    counts = WaveCounts(targeted=10, succeeded=5, failed=5)
+    verdict = evaluate_wave(stage(on_failure=FailureAction.PAUSE), counts)
+    assert verdict.decision is WaveDecision.HOLD
+    assert "paused for a decision" in verdict.reason
+
+
+def test_evaluate_failure_beats_small_sample() -> None:
+    counts = WaveCounts(targeted=10, failed=2, in_progress=8)
+    verdict = evaluate_wave(stage(min_finished=5, max_failures=1), counts)
+    assert verdict.decision is WaveDecision.ROLL_BACK
