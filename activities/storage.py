@@ -11,7 +11,7 @@ from temporalio.exceptions import ApplicationError
 
 from otaflow.db import dialect_insert, session_scope
 from otaflow.errors import ConflictError
-from otaflow.models import Firmware
+from otaflow.models import Firmware, utc_now
 from otaflow.storage import FirmwareStore, release_prefix
 from workflows.messages import StoredRelease, StoreReleaseInput
 
@@ -90,6 +90,7 @@ class StorageActivities:
                     key_id=request.signed.key_id,
                     release_id=request.release_id,
                     uploaded_by=request.uploaded_by,
+                    created_at=utc_now(),
                 )
                 .on_conflict_do_nothing()
             )

@@ -40,10 +40,11 @@ def count_wave(engine: Engine, release_id: str, wave_index: int | None) -> WaveC
         .group_by(TARGET.c.reason)
     )
     with engine.connect() as connection:
-        states: dict[str, int] = dict(connection.execute(by_state).tuples().all())
-        reasons = {
-            (reason or "unknown"): count
-            for reason, count in connection.execute(by_reason).tuples()
+        states: dict[str, int] = {
+            row[0]: row[1] for row in connection.execute(by_state)
+        }
+        reasons: dict[str, int] = {
+            (row[0] or "unknown"): row[1] for row in connection.execute(by_reason)
         }
     return WaveCounts(
         targeted=sum(states.values()),
@@ -161,7 +162,7 @@ def count_rollback(engine: Engine, release_id: str) -> tuple[int, int]:
         func.count().filter(TARGET.c.state_rank == ROLLED_BACK),
     ).where(TARGET.c.release_id == release_id, TARGET.c.dispatched_at.is_not(None))
     with engine.connect() as connection:
-        commanded, rolled_back = connection.execute(query).tuples().one()
+        commanded, rolled_back = connection.execute(query).one()
     return int(commanded), int(rolled_back)
 
 

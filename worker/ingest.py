@@ -140,9 +140,9 @@ class StatusIngest:
         _codes: object,
         _properties: object,
     ) -> None:
-        self._subscribed.set()
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self.ready_file.write_text(str(os.getpid()))
+        self._subscribed.set()
         logger.info("subscribed to %s", ", ".join(topic for topic, _ in SUBSCRIPTIONS))
 
     def _on_disconnect(

@@ -14,29 +14,26 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from psycopg import sql
 from sqlalchemy import Engine
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from otaflow.db import session_scope, upgrade_database
+from otaflow.db import session_scope
 from otaflow.models import Release, utc_now
 from otaflow.settings import Settings
 from otaflow.temporal import connect_temporal
+from tests.databases import migrated_database as migrated_database
+from tests.databases import postgres_available as postgres_available
 from tests.web.standin_workflow import RECORD_PHASE_ACTIVITY, StandInReleaseWorkflow
 from workflows.messages import FINAL_PHASES, ActionResult
 
 HOST = "127.0.0.1"
-POSTGRES_ADMIN = f"host={HOST} port=5432 user=postgres dbname=postgres"
-POSTGRES_URL = "postgresql+psycopg://postgres@" + HOST + ":5432/{name}"
 # The image size limit of the test apps, small so the 413 test sends little.
 TEST_MAX_IMAGE_BYTES = 64 * 1024
 
@@ -77,41 +74,6 @@ class BackgroundLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
-
-
-def postgres_available() -> bool:
-    try:
-        with psycopg.connect(POSTGRES_ADMIN, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
-
-
-@contextlib.contextmanager
-def migrated_database(kind: str, directory: Path) -> Iterator[str]:
-    """A migrated, empty database: a SQLite file, or a new PostgreSQL database.
-
-    The PostgreSQL database has a random name and is dropped afterwards.
-    """
-    if kind == "sqlite":
-        url = f"sqlite:///{directory / 'otaflow.db'}"
-        upgrade_database(url)
-        yield url
-        return
-    name = f"otaflow_test_{secrets.token_hex(6)}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = POSTGRES_URL.format(name=name)
-        upgrade_database(url)
-        yield url
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)
-                )
-            )
 
 
 def app_settings(stack: Settings, database_url: str, **overrides: Any) -> Settings:
