@@ -1,0 +1,3 @@
+from otaflow.cli import main
+
+main()
