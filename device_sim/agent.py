@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,32 +29,29 @@ from pydantic import ValidationError
 from device_sim.blobs import BlobStore
 from device_sim.download import DownloadJob, ImageDownloader
 from device_sim.profiles import Behaviour
-from device_sim.slots import DeviceRecord, ReleaseRecord, Slot, StateFile
+from device_sim.reports import Reporter
+from device_sim.slots import DeviceRecord, ReleaseRecord, Slot
 from otaflow.errors import ManifestRejectedError
 from otaflow.manifest import Manifest, SignedManifest, TrustStore, verify_manifest
 from otaflow.protocol import (
     STATE_RANK,
     CancelCommand,
-    Channel,
     DeviceState,
     FailureReason,
-    HealthReport,
     InstallCommand,
     RollbackCommand,
-    StatusReport,
     decode_command,
-    encode,
 )
 
 logger = logging.getLogger(__name__)
 
-MAX_DETAIL_CHARS = 2000
 # A device that only hashed an image waits for the device writing it. If that
 # writer fails, the device downloads again as the writer, at most this often.
 MAX_BLOB_ROUNDS = 3
 
-Publish = Callable[[Channel, bytes], Awaitable[None]]
-Report = StatusReport | HealthReport
+
+class _InstallStoppedError(Exception):
+    """A cancel or rollback command stopped an install before it rebooted."""
 
 
 class DeviceAgent:
@@ -64,29 +60,24 @@ class DeviceAgent:
     def __init__(
         self,
         record: DeviceRecord,
-        state_file: StateFile,
+        reporter: Reporter,
         *,
         behaviour: Behaviour,
         trust: TrustStore,
         blobs: BlobStore,
         downloader: ImageDownloader,
         download_slots: asyncio.Semaphore,
-        publish: Publish,
-        on_report: Callable[[], None],
-        history_limit: int,
     ) -> None:
         self.record = record
+        self.reporter = reporter
         self.behaviour = behaviour
-        self.reports: deque[Report] = deque(maxlen=history_limit)
-        self._state_file = state_file
         self._trust = trust
         self._blobs = blobs
         self._downloader = downloader
         self._download_slots = download_slots
-        self._publish = publish
-        self._on_report = on_report
         self._install_lock = asyncio.Lock()
         self._installs: dict[str, asyncio.Task[None]] = {}
+        self._stop_requested: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._booted_at = asyncio.get_running_loop().time()
 
@@ -106,6 +97,7 @@ class DeviceAgent:
     async def stop(self) -> None:
         """Cancel every running task; their last stored state stays as it is."""
         tasks = list(self._tasks)
+        self._stop_requested.update(self._installs)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -147,6 +139,8 @@ class DeviceAgent:
             await self._report_status(release_id, DeviceState.RECEIVED)
             async with self._install_lock:
                 await self._run_install(command)
+        except _InstallStoppedError:
+            logger.info("device %s: install of %s stopped", self.device_id, release_id)
         except ManifestRejectedError as error:
             await self._report_failure(release_id, error.reason, error.detail)
         except OSError as error:
@@ -155,16 +149,16 @@ class DeviceAgent:
 
     async def _run_install(self, command: InstallCommand) -> None:
         release_id = command.release_id
-        await self._pause()
+        await self._step(release_id)
         manifest = self._check_command(command)
         if manifest.sha256 == self.record.running.sha256:
             await self._report_already_running(release_id, manifest)
             return
 
         await self._fetch_image(command, manifest)
-        await self._pause()
+        await self._step(release_id)
         await self._report_status(release_id, DeviceState.INSTALLING)
-        await self._pause()
+        await self._step(release_id)
         self.record.write_inactive(
             Slot(
                 version=manifest.version,
@@ -350,33 +344,21 @@ class DeviceAgent:
         if STATE_RANK[state] >= STATE_RANK[DeviceState.REBOOTING]:
             await asyncio.wait([task])
             return None
+        # Python 3.11's asyncio.wait_for, which aiomqtt awaits while it
+        # publishes, can swallow a cancellation that arrives as its inner
+        # future completes (CPython gh-86296), so the install also checks a
+        # stop flag before each step.
+        self._stop_requested.add(release_id)
         task.cancel()
         await asyncio.wait([task])
+        self._stop_requested.discard(release_id)
         return f"install cancelled while {state.value}, before the slot switch"
 
     # Reports
 
     async def send_health(self) -> None:
-        running = self.record.running
         loop_time = asyncio.get_running_loop().time()
-        report = HealthReport(
-            device_id=self.device_id,
-            seq=self.record.take_seq(),
-            product=self.record.product,
-            hardware=self.record.hardware,
-            group=self.record.group,
-            running_version=running.version,
-            previous_version=self.record.previous_version,
-            slot=self.record.active_slot,
-            security_version=running.security_version,
-            boot_result=self.record.last_boot_result,
-            uptime_s=round(loop_time - self._booted_at, 3),
-            crash_count=self.record.crash_count,
-            lab=False,
-            boot_banner=f"device_sim {running.version} slot {self.record.active_slot}",
-            sent_at=datetime.now(UTC),
-        )
-        await self._send(Channel.HEALTH, report)
+        await self.reporter.health(uptime_s=loop_time - self._booted_at)
 
     async def _report_status(
         self,
@@ -388,35 +370,14 @@ class DeviceAgent:
         detail: str | None = None,
         version: str | None = None,
     ) -> None:
-        known = self.record.releases.get(release_id)
-        if known is not None and STATE_RANK[state] < STATE_RANK[known.state]:
-            # A download that starts over after ``downloaded`` lands here:
-            # states only move forward, so the earlier one is not sent again.
-            return
-        if detail is not None:
-            detail = detail[:MAX_DETAIL_CHARS]
-        if version is None and known is not None:
-            version = known.version
-        record = ReleaseRecord(
-            state=state, reason=reason, detail=detail, version=version
-        )
-        self.record.set_release(release_id, record)
-        await self._send_status(release_id, record, progress)
-
-    async def _send_status(
-        self, release_id: str, record: ReleaseRecord, progress: float | None = None
-    ) -> None:
-        report = StatusReport(
-            device_id=self.device_id,
-            release_id=release_id,
-            state=record.state,
-            seq=self.record.take_seq(),
+        await self.reporter.status(
+            release_id,
+            state,
             progress=progress,
-            reason=record.reason,
-            detail=record.detail,
-            sent_at=datetime.now(UTC),
+            reason=reason,
+            detail=detail,
+            version=version,
         )
-        await self._send(Channel.STATUS, report)
 
     async def _report_failure(
         self, release_id: str, reason: FailureReason | str, detail: str
@@ -438,7 +399,7 @@ class DeviceAgent:
         known = self.record.releases.get(release_id)
         if known is None:
             return
-        await self._send_status(release_id, known)
+        await self.reporter.resend(release_id, known)
         if known.finished:
             await self.send_health()
 
@@ -452,14 +413,6 @@ class DeviceAgent:
         )
         detail = f"the device restarted while {state.value}; the image was discarded"
         await self._report_failure(release_id, reason, detail)
-
-    async def _send(self, channel: Channel, report: Report) -> None:
-        # The record, with the seq just taken, is stored before the message
-        # leaves, so a restart can never send the same seq twice.
-        self._state_file.save(self.record)
-        self.reports.append(report)
-        self._on_report()
-        await self._publish(channel, encode(report))
 
     # Plumbing
 
@@ -480,6 +433,12 @@ class DeviceAgent:
 
     async def _pause(self) -> None:
         await asyncio.sleep(self.behaviour.step_delay_s)
+
+    async def _step(self, release_id: str) -> None:
+        """Pause before an install step; raise if a command stopped the install."""
+        await self._pause()
+        if release_id in self._stop_requested:
+            raise _InstallStoppedError(release_id)
 
     def _spawn(
         self, work: Coroutine[Any, Any, None], *, release_id: str | None = None

@@ -65,14 +65,16 @@ class VirtualDevice:
     def status_reports(self, release_id: str | None = None) -> list[StatusReport]:
         return [
             report
-            for report in self.agent.reports
+            for report in self.agent.reporter.history
             if isinstance(report, StatusReport)
             and (release_id is None or report.release_id == release_id)
         ]
 
     def health_reports(self) -> list[HealthReport]:
         return [
-            report for report in self.agent.reports if isinstance(report, HealthReport)
+            report
+            for report in self.agent.reporter.history
+            if isinstance(report, HealthReport)
         ]
 
     def states(self, release_id: str) -> list[DeviceState]:

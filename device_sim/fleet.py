@@ -38,6 +38,7 @@ from device_sim.profiles import (
     behaviour_for,
     device_random,
 )
+from device_sim.reports import Reporter
 from device_sim.session import Backoff, BrokerAddress, ConnectionStats, DeviceSession
 from device_sim.slots import DeviceRecord, StateFile
 from otaflow.errors import InvalidInputError
@@ -245,17 +246,21 @@ class Fleet:
         record = state_file.load() or self._factory_record(device_id)
 
         device: VirtualDevice
-        agent = DeviceAgent(
+        reporter = Reporter(
             record,
             state_file,
+            publish=lambda channel, payload: device.publish(channel, payload),
+            on_report=self._changed.set,
+            history_limit=config.history_limit,
+        )
+        agent = DeviceAgent(
+            record,
+            reporter,
             behaviour=behaviour,
             trust=config.trust,
             blobs=self._blobs,
             downloader=downloader,
             download_slots=download_slots,
-            publish=lambda channel, payload: device.publish(channel, payload),
-            on_report=self._changed.set,
-            history_limit=config.history_limit,
         )
         session = None
         if behaviour.connects:

@@ -1,5 +1,7 @@
 """Simulator test fixtures: real Mosquitto and SeaweedFS, signed releases.
 
+The broker and the object store are those of the session's ``infra_stack``
+when ``tests/conftest.py`` provides it, and processes of their own otherwise.
 Every test gets its own device id prefix, because the broker keeps the
 persistent sessions of earlier tests' devices for the whole session.
 """
@@ -36,14 +38,36 @@ SCHEMA_FOR_CHANNEL = {
 }
 
 
+def _shared_stack(request: pytest.FixtureRequest) -> Settings | None:
+    """Return the settings of ``infra_stack`` when ``tests/conftest.py`` has it."""
+    try:
+        settings = request.getfixturevalue("infra_stack")
+    except pytest.FixtureLookupError:
+        return None
+    assert isinstance(settings, Settings)
+    return settings
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def broker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Broker]:
+    shared = _shared_stack(request)
+    if shared is not None:
+        yield Broker(shared.mqtt_host, shared.mqtt_port)
+        return
     with run_mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def s3_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def s3_settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    shared = _shared_stack(request)
+    if shared is not None:
+        yield shared
+        return
     with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as settings:
         yield settings
 

@@ -1,0 +1,121 @@
+"""Status and health messages of one device: numbered, stored, then sent.
+
+Every message takes the next ``seq`` from the device's record, and the
+record is saved before the message leaves. So a restart can never send the
+same ``seq`` twice, and the server can drop repeats by ``seq``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from device_sim.slots import DeviceRecord, ReleaseRecord, StateFile
+from otaflow.protocol import (
+    STATE_RANK,
+    Channel,
+    DeviceState,
+    FailureReason,
+    HealthReport,
+    StatusReport,
+    encode,
+)
+
+MAX_DETAIL_CHARS = 2000
+
+Publish = Callable[[Channel, bytes], Awaitable[None]]
+Report = StatusReport | HealthReport
+
+
+class Reporter:
+    """Builds, numbers, stores and publishes one device's reports.
+
+    ``history`` keeps the last ``history_limit`` reports sent, oldest first,
+    for tests and the fleet's ``wait_until``.
+    """
+
+    def __init__(
+        self,
+        record: DeviceRecord,
+        state_file: StateFile,
+        *,
+        publish: Publish,
+        on_report: Callable[[], None],
+        history_limit: int,
+    ) -> None:
+        self.history: deque[Report] = deque(maxlen=history_limit)
+        self._record = record
+        self._state_file = state_file
+        self._publish = publish
+        self._on_report = on_report
+
+    async def health(self, uptime_s: float) -> None:
+        record = self._record
+        running = record.running
+        report = HealthReport(
+            device_id=record.device_id,
+            seq=record.take_seq(),
+            product=record.product,
+            hardware=record.hardware,
+            group=record.group,
+            running_version=running.version,
+            previous_version=record.previous_version,
+            slot=record.active_slot,
+            security_version=running.security_version,
+            boot_result=record.last_boot_result,
+            uptime_s=round(max(uptime_s, 0.0), 3),
+            crash_count=record.crash_count,
+            lab=False,
+            boot_banner=f"device_sim {running.version} slot {record.active_slot}",
+            sent_at=datetime.now(UTC),
+        )
+        await self._send(Channel.HEALTH, report)
+
+    async def status(
+        self,
+        release_id: str,
+        state: DeviceState,
+        *,
+        progress: float | None = None,
+        reason: FailureReason | None = None,
+        detail: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Record ``state`` for the release and send it, unless it would go back."""
+        known = self._record.releases.get(release_id)
+        if known is not None and STATE_RANK[state] < STATE_RANK[known.state]:
+            # A download that starts over after ``downloaded`` lands here:
+            # states only move forward, so the earlier one is not sent again.
+            return
+        if detail is not None:
+            detail = detail[:MAX_DETAIL_CHARS]
+        if version is None and known is not None:
+            version = known.version
+        release = ReleaseRecord(
+            state=state, reason=reason, detail=detail, version=version
+        )
+        self._record.set_release(release_id, release)
+        await self.resend(release_id, release, progress)
+
+    async def resend(
+        self, release_id: str, release: ReleaseRecord, progress: float | None = None
+    ) -> None:
+        """Send the stored state of a release, with a new ``seq``."""
+        report = StatusReport(
+            device_id=self._record.device_id,
+            release_id=release_id,
+            state=release.state,
+            seq=self._record.take_seq(),
+            progress=progress,
+            reason=release.reason,
+            detail=release.detail,
+            sent_at=datetime.now(UTC),
+        )
+        await self._send(Channel.STATUS, report)
+
+    async def _send(self, channel: Channel, report: Report) -> None:
+        self._state_file.save(self._record)
+        self.history.append(report)
+        self._on_report()
+        await self._publish(channel, encode(report))
