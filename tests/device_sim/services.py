@@ -69,10 +69,13 @@ log_type warning
 
 
 @contextlib.contextmanager
-def run_mosquitto(directory: Path) -> Iterator[Broker]:
-    """Run Debian's ``mosquitto`` with a minimal config until the block exits."""
+def run_mosquitto(directory: Path, port: int | None = None) -> Iterator[Broker]:
+    """Run Debian's ``mosquitto`` with a minimal config until the block exits.
+
+    Pass the ``port`` of an earlier run to restart a broker at the same address.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = directory / "mosquitto.log"
     config = directory / "mosquitto.conf"
     config.write_text(MOSQUITTO_CONFIG.format(port=port, log=log))

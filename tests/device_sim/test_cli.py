@@ -77,6 +77,7 @@ def test_cli_missing_trust_store_is_named(tmp_path: Path) -> None:
     assert str(missing) in result.stderr
 
 
+@pytest.mark.stack
 async def test_cli_runs_until_sigterm(
     tmp_path: Path,
     broker: Broker,
@@ -134,6 +135,7 @@ def _read_json(path: Path) -> dict[str, object] | None:
     return data
 
 
+@pytest.mark.stack
 def test_otaflow_sim_start_status_stop(
     tmp_path: Path, broker: Broker, trust: TrustStore, id_prefix: str
 ) -> None:

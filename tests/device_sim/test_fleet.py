@@ -6,15 +6,20 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import aiomqtt
+import pytest
 
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.profiles import Profile, ProfileCount
+from device_sim.session import Backoff
 from otaflow.protocol import Channel, DeviceState, device_topic
 from tests.device_sim.server_side import ReleaseFactory, ServerLink
-from tests.device_sim.services import Broker
+from tests.device_sim.services import Broker, run_mosquitto
 from tests.device_sim.test_install import finished
+
+pytestmark = pytest.mark.stack
 
 
 async def test_device_restart_keeps_state_and_seq(
@@ -147,3 +152,38 @@ async def test_fleet_200_devices_all_install(
         assert versions == {"1.1.0"}
         assert len(images) == 1
         assert images[0].stat().st_size == len(releases.image_of(command))
+
+
+async def test_fleet_reconnects_after_broker_restart(
+    make_config: Callable[..., FleetConfig], tmp_path: Path
+) -> None:
+    with run_mosquitto(tmp_path / "broker") as broker:
+        config = make_config(
+            devices=3,
+            mqtt_host=broker.host,
+            mqtt_port=broker.port,
+            backoff=Backoff(initial_s=0.1, max_s=0.5),
+        )
+        fleet = Fleet(config)
+        await fleet.start()
+        await fleet.wait_connected()
+        health_before = {
+            device_id: len(device.health_reports())
+            for device_id, device in fleet.devices.items()
+        }
+    try:
+        await fleet.wait_until(lambda f: f.stats.connected == 0, 30)
+        with run_mosquitto(tmp_path / "broker", broker.port):
+            await fleet.wait_connected(timeout_s=30)
+            await fleet.wait_until(
+                lambda f: all(
+                    len(device.health_reports()) > health_before[device_id]
+                    for device_id, device in f.devices.items()
+                ),
+                10,
+            )
+
+            assert fleet.stats.connection_losses == 3
+            assert fleet.stats.connects == 6
+    finally:
+        await fleet.stop()

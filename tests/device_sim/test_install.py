@@ -6,10 +6,14 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
+
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.profiles import Profile, ProfileCount
 from otaflow.protocol import Channel, DeviceState, FailureReason
 from tests.device_sim.server_side import ReleaseFactory, ServerLink
+
+pytestmark = pytest.mark.stack
 
 INSTALL_STATES = [
     DeviceState.RECEIVED,

@@ -17,6 +17,8 @@ from otaflow.protocol import DeviceState, FailureReason, InstallCommand
 from tests.device_sim.server_side import ReleaseFactory, ServerLink, make_image
 from tests.device_sim.test_install import finished
 
+pytestmark = pytest.mark.stack
+
 
 def _unknown_key(releases: ReleaseFactory) -> InstallCommand:
     return releases.install("1.1.0", signer=FileSigningKey.generate())
