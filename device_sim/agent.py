@@ -250,6 +250,9 @@ class DeviceAgent:
 
     async def _boot_trial(self, release_id: str) -> None:
         """Boot the trial slot; confirm it if healthy, else fall back."""
+        # NOTE: the simulated reboot keeps the MQTT connection open. A real
+        # device reconnects after it, and its health report then follows the
+        # online presence message.
         await self._pause()
         trial = self.record.trial
         assert trial is not None

@@ -164,6 +164,8 @@ class Fleet:
                 max_connections=config.max_concurrent_downloads,
                 max_keepalive_connections=min(config.max_concurrent_downloads, 50),
             ),
+            # Proxy variables are ignored, so image downloads go straight to
+            # the presigned URL's host, as they do on a device.
             trust_env=False,
         )
         downloader = ImageDownloader(self._http, stall_timeout_s=config.stall_timeout_s)
