@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import total_ordering
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, WithJsonSchema
 
 from otaflow.errors import InvalidInputError
 
@@ -56,9 +56,23 @@ def check_version(value: str) -> str:
     return value
 
 
-DeviceId = Annotated[str, AfterValidator(check_device_id)]
-Name = Annotated[str, AfterValidator(check_name)]
-VersionText = Annotated[str, AfterValidator(check_version)]
+# The JSON schema pattern documents the rule for third-party agents; the
+# validator enforces it with an error message that says how to fix the value.
+DeviceId = Annotated[
+    str,
+    WithJsonSchema({"type": "string", "pattern": f"^{DEVICE_ID_RE.pattern}$"}),
+    AfterValidator(check_device_id),
+]
+Name = Annotated[
+    str,
+    WithJsonSchema({"type": "string", "pattern": f"^{NAME_RE.pattern}$"}),
+    AfterValidator(check_name),
+]
+VersionText = Annotated[
+    str,
+    WithJsonSchema({"type": "string", "pattern": f"^{VERSION_RE.pattern}$"}),
+    AfterValidator(check_version),
+]
 
 
 @total_ordering
