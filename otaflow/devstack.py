@@ -170,9 +170,6 @@ class Service(ABC):
 
     name: ClassVar[str]
     stop_timeout_s: ClassVar[float] = STOP_TIMEOUT_S
-    # Seconds a process must stay up before its first health check. Only
-    # services that have nothing to probe use it.
-    settle_s: ClassVar[float] = 0.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -457,12 +454,23 @@ class WorkerService(PythonModuleService):
 class IngestService(PythonModuleService):
     name = "ingest"
     module = "worker.ingest"
-    # TODO: the ingest has no probe (no port, and the broker cannot list
-    # clients), so "healthy" only means the process stayed up this long.
-    settle_s = 2.0
 
     def check_health(self) -> None:
-        return None
+        # worker/ingest.py writes its pid to this file once the broker has
+        # acknowledged its subscriptions, and removes the file when it stops.
+        ready_file = self.settings.run_dir / "ingest.ready"
+        try:
+            ready_pid = ready_file.read_text().strip()
+        except FileNotFoundError:
+            raise HealthCheckError(
+                f"the ingest has not subscribed yet: {ready_file} is missing"
+            ) from None
+        running_pid = read_pid(self.settings.run_dir / f"{self.name}.pid")
+        if ready_pid != str(running_pid):
+            raise HealthCheckError(
+                f"{ready_file} names pid {ready_pid}, but the ingest runs as"
+                f" pid {running_pid}"
+            )
 
 
 class WebService(PythonModuleService):
@@ -574,7 +582,7 @@ class LocalStack:
         pid = read_pid(pid_file)
         if pid is not None and _is_service_process(service, pid):
             try:
-                self._wait_until_healthy(service, pid, settle_s=0.0)
+                self._wait_until_healthy(service, pid)
             except StackError as error:
                 raise StackError(
                     f"{error}\nIt was running before this start; stop it with"
@@ -591,7 +599,7 @@ class LocalStack:
         pid = self._spawn(service, command)
         service.after_start(pid)
         try:
-            self._wait_until_healthy(service, pid, service.settle_s)
+            self._wait_until_healthy(service, pid)
         except StackError:
             self._stop(
                 service.name, pid_file, service.owns_process, service.stop_timeout_s
@@ -619,9 +627,8 @@ class LocalStack:
         write_private_file(self._pid_file(service.name), f"{process.pid}\n")
         return process.pid
 
-    def _wait_until_healthy(self, service: Service, pid: int, settle_s: float) -> None:
-        started_at = time.monotonic()
-        deadline = started_at + self.health_timeout_s
+    def _wait_until_healthy(self, service: Service, pid: int) -> None:
+        deadline = time.monotonic() + self.health_timeout_s
         last_error = "no health check ran"
         while True:
             if not is_running(pid):
@@ -629,12 +636,11 @@ class LocalStack:
                     f"{service.name} (pid {pid}) exited{_exit_code_text(pid)} while"
                     f" starting. {self._log_excerpt(service.name)}"
                 )
-            if time.monotonic() - started_at >= settle_s:
-                try:
-                    service.check_health()
-                    return
-                except HealthCheckError as error:
-                    last_error = str(error)
+            try:
+                service.check_health()
+                return
+            except HealthCheckError as error:
+                last_error = str(error)
             if time.monotonic() >= deadline:
                 raise StackError(
                     f"{service.name} (pid {pid}) did not become healthy within"
