@@ -1058,9 +1058,11 @@ def read_env_file(path: Path) -> dict[str, str]:
 def update_env_file(path: Path, updates: dict[str, str]) -> None:
     """Set ``updates`` in the env file, keeping its other lines."""
     lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line.partition("=")[0].strip() not in updates]
-    kept += [f"{name}={value}" for name, value in updates.items()]
-    write_private_file(path, "\n".join(kept) + "\n")
+    remaining = [
+        line for line in lines if line.partition("=")[0].strip() not in updates
+    ]
+    remaining += [f"{name}={value}" for name, value in updates.items()]
+    write_private_file(path, "\n".join(remaining) + "\n")
 
 
 def _with_stored_s3_credentials(settings: Settings) -> Settings:
