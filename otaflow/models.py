@@ -237,3 +237,50 @@ class ApiToken(SQLModel, table=True):
     last_used_at: datetime | None = Field(
         default=None, sa_column=_timestamp(nullable=True)
     )
+
+
+class User(SQLModel, table=True):
+    """A person who signs in to the portal, with one role.
+
+    ``role`` is one of ``otaflow.users.Role``; ``password_hash`` is an Argon2id
+    hash in PHC string form. The table is not called ``user`` because that is
+    a reserved word in PostgreSQL.
+    """
+
+    __tablename__ = "portaluser"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=64)
+    role: str = Field(max_length=32)
+    password_hash: str = Field(max_length=200)
+    disabled: bool = False
+    created_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    last_login_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
+
+
+class FailedLogin(SQLModel, table=True):
+    """A failed portal sign-in, counted by the login rate limit."""
+
+    __table_args__ = (
+        Index("ix_failed_login_name_at", "username", "at"),
+        Index("ix_failed_login_address_at", "client_address", "at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(max_length=64)
+    client_address: str = Field(max_length=64)
+    at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+
+
+class UsedFormNonce(SQLModel, table=True):
+    """A one-time portal form nonce that was already submitted.
+
+    The primary key makes a second submission of the same form fail to insert,
+    so a double click sends one action.
+    """
+
+    nonce: str = Field(primary_key=True, max_length=64)
+    used_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         default="",
         description="Bearer token the CLI sends to the API.",
     )
+    session_secret: str = Field(
+        default="",
+        description=(
+            "Key that signs portal session cookies; empty means a key generated"
+            " once into <state_dir>/session-secret."
+        ),
+    )
 
     signing_key_file: Path | None = Field(
         default=None,

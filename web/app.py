@@ -1,4 +1,7 @@
-"""The otaflow web app: the REST API for CI under ``/api/v1`` and ``/healthz``.
+"""The otaflow web app: the CI REST API, ``/healthz`` and the portal.
+
+The REST API for CI is under ``/api/v1``; the release manager portal (HTML
+pages with htmx) has every other path, with its assets under ``/static``.
 
 ``create_app`` builds one engine, one firmware store and one Temporal
 connection per app. The store and the Temporal client connect on first use,
@@ -10,8 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from otaflow.db import make_engine
 from otaflow.releases import ReleaseService, TemporalConnector
@@ -19,10 +24,15 @@ from otaflow.settings import Settings, load_settings
 from web.api import devices, firmware, health, releases
 from web.deps import AppResources
 from web.errors import install_error_handling
+from web.portal import portal_router
+from web.portal.access import Portal
+from web.portal.errors import install_portal_error_pages
+from web.portal.sessions import SessionSigner, load_session_secret
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -51,10 +61,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.resources = resources
+    app.state.portal = Portal(
+        settings=settings,
+        engine=engine,
+        releases=resources.releases,
+        signer=SessionSigner(load_session_secret(settings)),
+    )
     install_error_handling(app)
+    install_portal_error_pages(app)
     app.include_router(health.router)
     app.include_router(api_router())
-    # TODO: include the portal's HTML page router here once it exists.
+    app.include_router(portal_router())
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from otaflow.cli import dev, release, sim, tokens
+from otaflow.cli import demo, dev, release, sim, tokens, users
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(dev.app, name="dev")
 app.add_typer(release.app, name="release")
 app.add_typer(sim.app, name="sim")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(users.app, name="users")
+app.command()(demo.demo)
 
 
 def main() -> None:

@@ -1,0 +1,18 @@
+"""Query-string parsing shared by the portal's paginated, filterable lists."""
+
+from __future__ import annotations
+
+from pydantic import BeforeValidator
+
+
+def _none_if_empty(value: object) -> object:
+    return None if value == "" else value
+
+
+# An HTML form sends an unset filter as an empty value; it means "no filter".
+EmptyIsNone = BeforeValidator(_none_if_empty)
+
+
+def page_count(total: int, page_size: int) -> int:
+    """Number of pages for ``total`` items; an empty list still has one page."""
+    return max(1, -(-total // page_size))
