@@ -8,7 +8,6 @@ Create Date: 2026-12-04
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 import otaflow.models
@@ -24,15 +23,15 @@ def upgrade() -> None:
     op.create_table(
         "apitoken",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
         sa.Column(
-            "token_hash", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "token_hash", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "scopes", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "scopes", sa.String(length=200), nullable=False
         ),
         sa.Column(
-            "created_by", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "created_by", sa.String(length=200), nullable=False
         ),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
@@ -51,13 +50,13 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("at", otaflow.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column(
-            "actor", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "actor", sa.String(length=200), nullable=False
         ),
         sa.Column(
-            "action", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "action", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "target", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "target", sa.String(length=200), nullable=False
         ),
         sa.Column("detail", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
@@ -70,37 +69,37 @@ def upgrade() -> None:
     op.create_table(
         "device",
         sa.Column(
-            "device_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False
+            "device_id", sa.String(length=128), nullable=False
         ),
         sa.Column(
-            "product", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "product", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "hardware", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "hardware", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "group_name", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "group_name", sa.String(length=64), nullable=False
         ),
         sa.Column("lab", sa.Boolean(), nullable=False),
         sa.Column(
             "current_version",
-            sqlmodel.sql.sqltypes.AutoString(length=100),
+            sa.String(length=100),
             nullable=False,
         ),
         sa.Column(
             "previous_version",
-            sqlmodel.sql.sqltypes.AutoString(length=100),
+            sa.String(length=100),
             nullable=True,
         ),
         sa.Column(
-            "active_slot", sqlmodel.sql.sqltypes.AutoString(length=1), nullable=False
+            "active_slot", sa.String(length=1), nullable=False
         ),
         sa.Column("security_version", sa.Integer(), nullable=False),
         sa.Column(
-            "boot_result", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False
+            "boot_result", sa.String(length=20), nullable=False
         ),
         sa.Column(
-            "boot_banner", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True
+            "boot_banner", sa.String(length=500), nullable=True
         ),
         sa.Column("crash_count", sa.Integer(), nullable=False),
         sa.Column("uptime_s", sa.Float(), nullable=False),
@@ -129,14 +128,14 @@ def upgrade() -> None:
         "deviceevent",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column(
-            "device_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False
+            "device_id", sa.String(length=128), nullable=False
         ),
         sa.Column("seq", sa.Integer(), nullable=False),
         sa.Column(
-            "release_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "release_id", sa.String(length=200), nullable=False
         ),
-        sa.Column("state", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
+        sa.Column("state", sa.String(length=20), nullable=False),
+        sa.Column("reason", sa.String(length=40), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
         sa.Column("sent_at", otaflow.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column(
@@ -154,40 +153,40 @@ def upgrade() -> None:
         "firmware",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column(
-            "product", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "product", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "hardware", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "hardware", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "version", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False
+            "version", sa.String(length=100), nullable=False
         ),
         sa.Column("security_version", sa.Integer(), nullable=False),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
         sa.Column(
-            "sha256", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "sha256", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "image_key", sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False
+            "image_key", sa.String(length=1024), nullable=False
         ),
         sa.Column(
             "manifest_key",
-            sqlmodel.sql.sqltypes.AutoString(length=1024),
+            sa.String(length=1024),
             nullable=False,
         ),
         sa.Column(
             "signature_key",
-            sqlmodel.sql.sqltypes.AutoString(length=1024),
+            sa.String(length=1024),
             nullable=False,
         ),
         sa.Column(
-            "key_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "key_id", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "release_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "release_id", sa.String(length=200), nullable=False
         ),
         sa.Column(
-            "uploaded_by", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "uploaded_by", sa.String(length=200), nullable=False
         ),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
@@ -202,26 +201,26 @@ def upgrade() -> None:
 
     op.create_table(
         "release",
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("id", sa.String(length=200), nullable=False),
         sa.Column(
-            "product", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "product", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "hardware", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "hardware", sa.String(length=64), nullable=False
         ),
         sa.Column(
-            "version", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False
+            "version", sa.String(length=100), nullable=False
         ),
         sa.Column("security_version", sa.Integer(), nullable=False),
         sa.Column(
-            "sha256", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "sha256", sa.String(length=64), nullable=False
         ),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
         sa.Column(
-            "staging_key", sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False
+            "staging_key", sa.String(length=1024), nullable=False
         ),
         sa.Column("policy_json", sa.Text(), nullable=False),
-        sa.Column("state", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+        sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("current_wave", sa.Integer(), nullable=True),
         sa.Column("wave_count", sa.Integer(), nullable=False),
         sa.Column("targeted_devices", sa.Integer(), nullable=False),
@@ -229,7 +228,7 @@ def upgrade() -> None:
         sa.Column("failed_devices", sa.Integer(), nullable=False),
         sa.Column("outcome_reason", sa.Text(), nullable=True),
         sa.Column(
-            "started_by", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "started_by", sa.String(length=200), nullable=False
         ),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
@@ -252,14 +251,14 @@ def upgrade() -> None:
         "releaseevent",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column(
-            "release_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "release_id", sa.String(length=200), nullable=False
         ),
         sa.Column(
-            "run_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False
+            "run_id", sa.String(length=64), nullable=False
         ),
         sa.Column("sequence", sa.Integer(), nullable=False),
-        sa.Column("phase", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
-        sa.Column("stage", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("phase", sa.String(length=32), nullable=False),
+        sa.Column("stage", sa.String(length=64), nullable=False),
         sa.Column("message", sa.Text(), nullable=False),
         sa.Column("at", otaflow.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
@@ -273,20 +272,20 @@ def upgrade() -> None:
     op.create_table(
         "releasetarget",
         sa.Column(
-            "release_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "release_id", sa.String(length=200), nullable=False
         ),
         sa.Column(
-            "device_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False
+            "device_id", sa.String(length=128), nullable=False
         ),
         sa.Column("wave_index", sa.Integer(), nullable=False),
-        sa.Column("state", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("state_rank", sa.Integer(), nullable=False),
         sa.Column("last_seq", sa.Integer(), nullable=False),
         sa.Column("progress", sa.Float(), nullable=True),
-        sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=True),
+        sa.Column("reason", sa.String(length=40), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
         sa.Column(
-            "from_version", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True
+            "from_version", sa.String(length=100), nullable=True
         ),
         sa.Column(
             "dispatched_at", otaflow.models.UTCDateTime(timezone=True), nullable=True
@@ -309,19 +308,19 @@ def upgrade() -> None:
     op.create_table(
         "releasewave",
         sa.Column(
-            "release_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False
+            "release_id", sa.String(length=200), nullable=False
         ),
         sa.Column("wave_index", sa.Integer(), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("planned_count", sa.Integer(), nullable=False),
-        sa.Column("state", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
-        sa.Column("gate", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("state", sa.String(length=32), nullable=False),
+        sa.Column("gate", sa.String(length=16), nullable=False),
         sa.Column(
-            "decision", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True
+            "decision", sa.String(length=16), nullable=True
         ),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column(
-            "decided_by", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True
+            "decided_by", sa.String(length=200), nullable=True
         ),
         sa.Column("counts_json", sa.Text(), nullable=True),
         sa.Column(
