@@ -24,15 +24,9 @@ def upgrade() -> None:
         "apitoken",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=100), nullable=False),
-        sa.Column(
-            "token_hash", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "scopes", sa.String(length=200), nullable=False
-        ),
-        sa.Column(
-            "created_by", sa.String(length=200), nullable=False
-        ),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("scopes", sa.String(length=200), nullable=False),
+        sa.Column("created_by", sa.String(length=200), nullable=False),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
         ),
@@ -49,15 +43,9 @@ def upgrade() -> None:
         "auditentry",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("at", otaflow.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column(
-            "actor", sa.String(length=200), nullable=False
-        ),
-        sa.Column(
-            "action", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "target", sa.String(length=200), nullable=False
-        ),
+        sa.Column("actor", sa.String(length=200), nullable=False),
+        sa.Column("action", sa.String(length=64), nullable=False),
+        sa.Column("target", sa.String(length=200), nullable=False),
         sa.Column("detail", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -68,18 +56,10 @@ def upgrade() -> None:
 
     op.create_table(
         "device",
-        sa.Column(
-            "device_id", sa.String(length=128), nullable=False
-        ),
-        sa.Column(
-            "product", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "hardware", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "group_name", sa.String(length=64), nullable=False
-        ),
+        sa.Column("device_id", sa.String(length=128), nullable=False),
+        sa.Column("product", sa.String(length=64), nullable=False),
+        sa.Column("hardware", sa.String(length=64), nullable=False),
+        sa.Column("group_name", sa.String(length=64), nullable=False),
         sa.Column("lab", sa.Boolean(), nullable=False),
         sa.Column(
             "current_version",
@@ -91,16 +71,10 @@ def upgrade() -> None:
             sa.String(length=100),
             nullable=True,
         ),
-        sa.Column(
-            "active_slot", sa.String(length=1), nullable=False
-        ),
+        sa.Column("active_slot", sa.String(length=1), nullable=False),
         sa.Column("security_version", sa.Integer(), nullable=False),
-        sa.Column(
-            "boot_result", sa.String(length=20), nullable=False
-        ),
-        sa.Column(
-            "boot_banner", sa.String(length=500), nullable=True
-        ),
+        sa.Column("boot_result", sa.String(length=20), nullable=False),
+        sa.Column("boot_banner", sa.String(length=500), nullable=True),
         sa.Column("crash_count", sa.Integer(), nullable=False),
         sa.Column("uptime_s", sa.Float(), nullable=False),
         sa.Column("online", sa.Boolean(), nullable=False),
@@ -127,13 +101,9 @@ def upgrade() -> None:
     op.create_table(
         "deviceevent",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column(
-            "device_id", sa.String(length=128), nullable=False
-        ),
+        sa.Column("device_id", sa.String(length=128), nullable=False),
         sa.Column("seq", sa.Integer(), nullable=False),
-        sa.Column(
-            "release_id", sa.String(length=200), nullable=False
-        ),
+        sa.Column("release_id", sa.String(length=200), nullable=False),
         sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("reason", sa.String(length=40), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
@@ -152,23 +122,13 @@ def upgrade() -> None:
     op.create_table(
         "firmware",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column(
-            "product", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "hardware", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "version", sa.String(length=100), nullable=False
-        ),
+        sa.Column("product", sa.String(length=64), nullable=False),
+        sa.Column("hardware", sa.String(length=64), nullable=False),
+        sa.Column("version", sa.String(length=100), nullable=False),
         sa.Column("security_version", sa.Integer(), nullable=False),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
-        sa.Column(
-            "sha256", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "image_key", sa.String(length=1024), nullable=False
-        ),
+        sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("image_key", sa.String(length=1024), nullable=False),
         sa.Column(
             "manifest_key",
             sa.String(length=1024),
@@ -179,15 +139,9 @@ def upgrade() -> None:
             sa.String(length=1024),
             nullable=False,
         ),
-        sa.Column(
-            "key_id", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "release_id", sa.String(length=200), nullable=False
-        ),
-        sa.Column(
-            "uploaded_by", sa.String(length=200), nullable=False
-        ),
+        sa.Column("key_id", sa.String(length=64), nullable=False),
+        sa.Column("release_id", sa.String(length=200), nullable=False),
+        sa.Column("uploaded_by", sa.String(length=200), nullable=False),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
         ),
@@ -202,23 +156,13 @@ def upgrade() -> None:
     op.create_table(
         "release",
         sa.Column("id", sa.String(length=200), nullable=False),
-        sa.Column(
-            "product", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "hardware", sa.String(length=64), nullable=False
-        ),
-        sa.Column(
-            "version", sa.String(length=100), nullable=False
-        ),
+        sa.Column("product", sa.String(length=64), nullable=False),
+        sa.Column("hardware", sa.String(length=64), nullable=False),
+        sa.Column("version", sa.String(length=100), nullable=False),
         sa.Column("security_version", sa.Integer(), nullable=False),
-        sa.Column(
-            "sha256", sa.String(length=64), nullable=False
-        ),
+        sa.Column("sha256", sa.String(length=64), nullable=False),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
-        sa.Column(
-            "staging_key", sa.String(length=1024), nullable=False
-        ),
+        sa.Column("staging_key", sa.String(length=1024), nullable=False),
         sa.Column("policy_json", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("current_wave", sa.Integer(), nullable=True),
@@ -227,9 +171,7 @@ def upgrade() -> None:
         sa.Column("succeeded_devices", sa.Integer(), nullable=False),
         sa.Column("failed_devices", sa.Integer(), nullable=False),
         sa.Column("outcome_reason", sa.Text(), nullable=True),
-        sa.Column(
-            "started_by", sa.String(length=200), nullable=False
-        ),
+        sa.Column("started_by", sa.String(length=200), nullable=False),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
         ),
@@ -250,12 +192,8 @@ def upgrade() -> None:
     op.create_table(
         "releaseevent",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column(
-            "release_id", sa.String(length=200), nullable=False
-        ),
-        sa.Column(
-            "run_id", sa.String(length=64), nullable=False
-        ),
+        sa.Column("release_id", sa.String(length=200), nullable=False),
+        sa.Column("run_id", sa.String(length=64), nullable=False),
         sa.Column("sequence", sa.Integer(), nullable=False),
         sa.Column("phase", sa.String(length=32), nullable=False),
         sa.Column("stage", sa.String(length=64), nullable=False),
@@ -271,12 +209,8 @@ def upgrade() -> None:
 
     op.create_table(
         "releasetarget",
-        sa.Column(
-            "release_id", sa.String(length=200), nullable=False
-        ),
-        sa.Column(
-            "device_id", sa.String(length=128), nullable=False
-        ),
+        sa.Column("release_id", sa.String(length=200), nullable=False),
+        sa.Column("device_id", sa.String(length=128), nullable=False),
         sa.Column("wave_index", sa.Integer(), nullable=False),
         sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("state_rank", sa.Integer(), nullable=False),
@@ -284,9 +218,7 @@ def upgrade() -> None:
         sa.Column("progress", sa.Float(), nullable=True),
         sa.Column("reason", sa.String(length=40), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
-        sa.Column(
-            "from_version", sa.String(length=100), nullable=True
-        ),
+        sa.Column("from_version", sa.String(length=100), nullable=True),
         sa.Column(
             "dispatched_at", otaflow.models.UTCDateTime(timezone=True), nullable=True
         ),
@@ -307,21 +239,15 @@ def upgrade() -> None:
 
     op.create_table(
         "releasewave",
-        sa.Column(
-            "release_id", sa.String(length=200), nullable=False
-        ),
+        sa.Column("release_id", sa.String(length=200), nullable=False),
         sa.Column("wave_index", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("planned_count", sa.Integer(), nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("gate", sa.String(length=16), nullable=False),
-        sa.Column(
-            "decision", sa.String(length=16), nullable=True
-        ),
+        sa.Column("decision", sa.String(length=16), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
-        sa.Column(
-            "decided_by", sa.String(length=200), nullable=True
-        ),
+        sa.Column("decided_by", sa.String(length=200), nullable=True),
         sa.Column("counts_json", sa.Text(), nullable=True),
         sa.Column(
             "started_at", otaflow.models.UTCDateTime(timezone=True), nullable=True
