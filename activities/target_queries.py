@@ -10,13 +10,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, Table, case, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Table,
+    case,
+    func,
+    select,
+    update,
+)
 
-from otaflow.models import ReleaseTarget
+from otaflow.models import Device, ReleaseTarget
 from otaflow.protocol import STATE_RANK, DeviceState, FailureReason
-from workflows.policy import WaveCounts
+from workflows.policy import FailureSample, WaveCounts
 
 TARGET: Table = ReleaseTarget.__table__  # type: ignore[attr-defined]
+DEVICE: Table = Device.__table__  # type: ignore[attr-defined]
+FAILURE_SAMPLES = 3
 DISPATCHED = STATE_RANK[DeviceState.DISPATCHED]
 SUCCEEDED = STATE_RANK[DeviceState.SUCCEEDED]
 FAILED = STATE_RANK[DeviceState.FAILED]
@@ -46,6 +57,7 @@ def count_wave(engine: Engine, release_id: str, wave_index: int | None) -> WaveC
         reasons: dict[str, int] = {
             (row[0] or "unknown"): row[1] for row in connection.execute(by_reason)
         }
+        samples = _failure_samples(connection, conditions) if reasons else []
     return WaveCounts(
         targeted=sum(states.values()),
         succeeded=states.get(DeviceState.SUCCEEDED.value, 0),
@@ -57,7 +69,30 @@ def count_wave(engine: Engine, release_id: str, wave_index: int | None) -> WaveC
             if DeviceState(state) not in FINISHED
         ),
         failure_reasons=reasons,
+        failure_samples=tuple(samples),
     )
+
+
+def _failure_samples(
+    connection: Connection, conditions: list[ColumnElement[bool]]
+) -> list[FailureSample]:
+    """A few failed devices of the wave, lab devices first, earliest first."""
+    query = (
+        select(TARGET.c.device_id, TARGET.c.reason, TARGET.c.detail, DEVICE.c.lab)
+        .select_from(TARGET.outerjoin(DEVICE, DEVICE.c.device_id == TARGET.c.device_id))
+        .where(*conditions, TARGET.c.state == DeviceState.FAILED.value)
+        .order_by(DEVICE.c.lab.desc(), TARGET.c.updated_at, TARGET.c.device_id)
+        .limit(FAILURE_SAMPLES)
+    )
+    return [
+        FailureSample(
+            device_id=row[0],
+            reason=row[1] or "unknown",
+            detail=row[2] or "",
+            lab=bool(row[3]),
+        )
+        for row in connection.execute(query)
+    ]
 
 
 def pending_device_ids(

@@ -239,6 +239,25 @@ class ApiToken(SQLModel, table=True):
     )
 
 
+class BootLog(SQLModel, table=True):
+    """Console output of a device's boot, from devices that capture it.
+
+    The ingest keeps the last ``BOOT_LOGS_KEPT`` per device; device and
+    sequence number identify a report, so a repeated one is stored once.
+    """
+
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True, max_length=128)
+    seq: int
+    version: str = Field(max_length=100)
+    slot: str = Field(max_length=1)
+    result: str = Field(max_length=20)
+    log: str = Field(sa_column=Column(Text, nullable=False))
+    booted_at: datetime = Field(sa_column=_timestamp())
+
+
 class User(SQLModel, table=True):
     """A person who signs in to the portal, with one role.
 

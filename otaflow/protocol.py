@@ -30,6 +30,7 @@ from otaflow.identifiers import DeviceId, Name, VersionText
 PROTOCOL_VERSION = "v1"
 TOPIC_ROOT = f"otaflow/{PROTOCOL_VERSION}/devices"
 MAX_PAYLOAD_BYTES = 64 * 1024
+BOOT_LOG_MAX_CHARS = 8000
 
 
 class Channel(StrEnum):
@@ -202,6 +203,11 @@ class HealthReport(_Message):
     crash_count: int = Field(ge=0)
     lab: bool = False
     boot_banner: str | None = Field(default=None, max_length=500)
+    boot_log: str | None = Field(
+        default=None,
+        max_length=BOOT_LOG_MAX_CHARS,
+        description="Tail of the serial console of the boot this report follows.",
+    )
     sent_at: AwareDatetime
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, Executable, bindparam, update
+from sqlalchemy import Connection, Engine, Executable, bindparam, delete, select, update
 
 from otaflow.db import dialect_insert
-from otaflow.models import Device, DeviceEvent, ReleaseTarget
+from otaflow.models import BootLog, Device, DeviceEvent, ReleaseTarget
 from otaflow.protocol import (
     STATE_RANK,
     Channel,
@@ -34,6 +34,8 @@ from otaflow.protocol import (
 DEVICE = Device.__table__  # type: ignore[attr-defined]
 TARGET = ReleaseTarget.__table__  # type: ignore[attr-defined]
 EVENT = DeviceEvent.__table__  # type: ignore[attr-defined]
+BOOT_LOG = BootLog.__table__  # type: ignore[attr-defined]
+BOOT_LOGS_KEPT = 10
 
 _ADVANCE_TARGET = (
     update(TARGET)
@@ -86,7 +88,9 @@ class BatchResult:
 def write_reports(engine: Engine, reports: Sequence[DeviceReport]) -> BatchResult:
     """Apply a batch of parsed reports in one transaction."""
     statuses = [r for r in reports if r.channel is Channel.STATUS]
-    healths = _latest_per_device([r for r in reports if r.channel is Channel.HEALTH])
+    all_healths = [r for r in reports if r.channel is Channel.HEALTH]
+    boot_logs = [r for r in all_healths if _health(r).boot_log]
+    healths = _latest_per_device(all_healths)
     presences = {r.device_id: r for r in reports if r.channel is Channel.PRESENCE}
 
     with engine.begin() as connection:
@@ -103,6 +107,8 @@ def write_reports(engine: Engine, reports: Sequence[DeviceReport]) -> BatchResul
                 connection.execute(_UPDATE_PROGRESS, with_progress)
         if healths:
             connection.execute(_upsert_devices(engine, healths))
+        if boot_logs:
+            _store_boot_logs(engine, connection, boot_logs)
         if presences:
             connection.execute(
                 _SET_PRESENCE,
@@ -116,6 +122,40 @@ def write_reports(engine: Engine, reports: Sequence[DeviceReport]) -> BatchResul
                 ],
             )
     return BatchResult(len(statuses), len(healths), len(presences))
+
+
+def _store_boot_logs(
+    engine: Engine, connection: Connection, reports: list[DeviceReport]
+) -> None:
+    rows = []
+    for report in reports:
+        health = _health(report)
+        rows.append(
+            {
+                "device_id": report.device_id,
+                "seq": health.seq,
+                "version": health.running_version,
+                "slot": health.slot,
+                "result": health.boot_result,
+                "log": health.boot_log,
+                "booted_at": report.received_at,
+            }
+        )
+    connection.execute(dialect_insert(engine)(BOOT_LOG).on_conflict_do_nothing(), rows)
+    # Few devices capture their console (QEMU lab devices), so pruning one
+    # device at a time costs little.
+    for device_id in {report.device_id for report in reports}:
+        kept = (
+            select(BOOT_LOG.c.id)
+            .where(BOOT_LOG.c.device_id == device_id)
+            .order_by(BOOT_LOG.c.seq.desc())
+            .limit(BOOT_LOGS_KEPT)
+        )
+        connection.execute(
+            delete(BOOT_LOG).where(
+                BOOT_LOG.c.device_id == device_id, BOOT_LOG.c.id.not_in(kept)
+            )
+        )
 
 
 def _status(report: DeviceReport) -> StatusReport:

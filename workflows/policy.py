@@ -258,6 +258,20 @@ class WaveDecision(StrEnum):
     ROLL_BACK = "rollback"
 
 
+SAMPLE_DETAIL_CHARS = 300
+
+
+class FailureSample(BaseModel):
+    """One failed device of a wave, shown with the gate decision."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_id: str
+    reason: str
+    detail: str = ""
+    lab: bool = False
+
+
 class WaveCounts(BaseModel):
     """Device states of one wave, as read from the database."""
 
@@ -269,6 +283,9 @@ class WaveCounts(BaseModel):
     in_progress: int = Field(default=0, ge=0)
     rolled_back: int = Field(default=0, ge=0)
     failure_reasons: dict[str, int] = Field(default_factory=dict)
+    failure_samples: tuple[FailureSample, ...] = Field(
+        default=(), description="A few failed devices, lab devices first."
+    )
 
     @property
     def finished(self) -> int:
@@ -312,17 +329,31 @@ def evaluate_wave(stage: StagePolicy, counts: WaveCounts) -> WaveVerdict:
                 f"{summary}, threshold {_percent(stage.success_threshold)} of finished"
             ),
         )
+    example = _describe_sample(counts)
     if stage.on_failure is FailureAction.PAUSE:
         return WaveVerdict(
             decision=WaveDecision.HOLD,
             healthy=False,
-            reason=f"{summary}; {failing}: paused for a decision",
+            reason=f"{summary}; {failing}: paused for a decision{example}",
         )
     return WaveVerdict(
         decision=WaveDecision.ROLL_BACK,
         healthy=False,
-        reason=f"{summary}; {failing}: rolling back",
+        reason=f"{summary}; {failing}: rolling back{example}",
     )
+
+
+def _describe_sample(counts: WaveCounts) -> str:
+    """The first failed device and the end of its error, such as a boot log tail."""
+    if not counts.failure_samples:
+        return ""
+    sample = counts.failure_samples[0]
+    kind = "lab device " if sample.lab else ""
+    detail = sample.detail.strip()
+    if len(detail) > SAMPLE_DETAIL_CHARS:
+        detail = "..." + detail[-SAMPLE_DETAIL_CHARS:]
+    text = f". First failure: {kind}{sample.device_id}, {sample.reason}"
+    return f"{text}: {detail}" if detail else text
 
 
 def _failure_cause(stage: StagePolicy, counts: WaveCounts) -> str | None:

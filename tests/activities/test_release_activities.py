@@ -403,4 +403,5 @@ async def test_await_wave_fails_devices_past_deadline(
     assert counts.succeeded == 1
     assert counts.failed == 1
     assert counts.failure_reasons == {"deadline_exceeded": 1}
+    assert [sample.reason for sample in counts.failure_samples] == ["deadline_exceeded"]
     assert counts.in_progress == 0

@@ -9,6 +9,7 @@ import pytest
 from otaflow.errors import PolicyError
 from workflows.policy import (
     FailureAction,
+    FailureSample,
     GateMode,
     PlannedDevice,
     StagePolicy,
@@ -251,3 +252,17 @@ def test_evaluate_failure_beats_small_sample() -> None:
     counts = WaveCounts(targeted=10, failed=2, in_progress=8)
     verdict = evaluate_wave(stage(min_finished=5, max_failures=1), counts)
     assert verdict.decision is WaveDecision.ROLL_BACK
+
+
+def test_evaluate_failure_names_first_failed_device() -> None:
+    sample = FailureSample(
+        device_id="lab-1",
+        reason="boot_failed",
+        detail="x" * 400 + "no banner",
+        lab=True,
+    )
+    counts = WaveCounts(targeted=2, succeeded=1, failed=1, failure_samples=(sample,))
+    verdict = evaluate_wave(stage(), counts)
+    assert "First failure: lab device lab-1, boot_failed" in verdict.reason
+    assert verdict.reason.endswith("no banner")
+    assert len(verdict.reason) < 600

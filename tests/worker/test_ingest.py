@@ -15,10 +15,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from otaflow.db import make_engine, session_scope
-from otaflow.models import Device, DeviceEvent, ReleaseTarget
+from otaflow.models import BootLog, Device, DeviceEvent, ReleaseTarget
 from otaflow.protocol import (
     Channel,
     DeviceState,
@@ -307,3 +307,26 @@ def test_ingest_writes_ready_file(engine: Engine, ingest_settings: Settings) -> 
     with RunningIngest(ingest_settings, engine) as ingest:
         assert ingest.ready_file.exists()
     assert not ingest.ready_file.exists()
+
+
+def boot_logs(engine: Engine, device_id: str) -> list[BootLog]:
+    with Session(engine) as session:
+        query = select(BootLog).where(BootLog.device_id == device_id)
+        return list(session.exec(query.order_by(col(BootLog.seq))).all())
+
+
+def test_ingest_keeps_last_boot_logs(
+    engine: Engine, ingest_settings: Settings, publisher: Callable[[str, bytes], None]
+) -> None:
+    device_id = new_device_id()
+    topic = device_topic(device_id, Channel.HEALTH)
+    with RunningIngest(ingest_settings, engine) as ingest:
+        for seq in range(1, 13):
+            report = HealthReport.model_validate_json(health(device_id, seq))
+            payload = report.model_copy(update={"boot_log": f"U-Boot boot {seq}"})
+            publisher(topic, encode(payload))
+        publisher(topic, encode(payload))
+        wait_until(lambda: ingest.stats.received >= 13)
+    logs = boot_logs(engine, device_id)
+    assert [log.seq for log in logs] == list(range(3, 13))
+    assert logs[-1].log == "U-Boot boot 12"
