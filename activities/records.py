@@ -76,6 +76,7 @@ def _release_row(request: ReleaseRequest) -> Release:
         size_bytes=request.size_bytes,
         staging_key=request.staging_key,
         policy_json=request.policy.model_dump_json(),
+        wave_count=len(request.policy.stages),
         started_by=request.started_by,
     )
 

@@ -9,7 +9,7 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 
 from otaflow.db import session_scope
-from otaflow.models import Device, ReleaseTarget, ReleaseWave, utc_now
+from otaflow.models import Device, Release, ReleaseTarget, ReleaseWave, utc_now
 from workflows.messages import PlanWavesInput, WavePlan
 from workflows.policy import PlannedDevice, rollout_order, wave_sizes
 
@@ -105,6 +105,10 @@ class TargetingActivities:
                 )
             start += size
         with session_scope(self._engine) as session:
+            release = session.get(Release, request.release_id)
+            if release is not None:
+                release.wave_count = len(sizes)
+                session.add(release)
             for index, (stage, size) in enumerate(
                 zip(request.policy.stages, sizes, strict=True)
             ):

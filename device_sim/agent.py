@@ -151,7 +151,10 @@ class DeviceAgent:
         release_id = command.release_id
         await self._step(release_id)
         manifest = self._check_command(command)
-        if manifest.sha256 == self.record.running.sha256:
+        running = self.record.running
+        # The same bytes under a new version number are a new release: only
+        # an identical version and image count as already installed.
+        if (manifest.sha256, manifest.version) == (running.sha256, running.version):
             await self._report_already_running(release_id, manifest)
             return
 

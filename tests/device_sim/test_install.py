@@ -304,6 +304,26 @@ async def test_install_of_running_image_succeeds_without_download(
         assert device.active_slot == "b"
 
 
+async def test_install_same_image_new_version_installs(
+    make_config: Callable[..., FleetConfig],
+    server: ServerLink,
+    releases: ReleaseFactory,
+) -> None:
+    async with Fleet(make_config()) as fleet:
+        device = next(iter(fleet.devices.values()))
+        image = b"unchanged build" * 1000
+        first = releases.install("1.1.0", image)
+        await server.send(device.device_id, first)
+        await fleet.wait_until(finished(device.device_id, first.release_id), 30)
+        second = releases.install("1.2.0", image)
+        await server.send(device.device_id, second)
+        await fleet.wait_until(finished(device.device_id, second.release_id), 30)
+
+        assert device.states(second.release_id) == INSTALL_STATES
+        assert device.running_version == "1.2.0"
+        assert device.active_slot == "a"
+
+
 async def test_invalid_install_command_reports_invalid_command(
     make_config: Callable[..., FleetConfig], server: ServerLink
 ) -> None:

@@ -193,6 +193,7 @@ async def test_healthy_release_reaches_every_device(
         row = session.get(Release, outcome.release_id)
     assert row is not None
     assert row.state == "completed"
+    assert row.wave_count == 3
     waves = sorted(
         (target.wave_index, target.state)
         for target in targets(engine, outcome.release_id)
