@@ -6,7 +6,11 @@ import typer
 
 from otaflow.cli import demo, dev, release, sim, tokens, users
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Release firmware from CI to device fleets in canary and expansion waves.",
+)
 app.add_typer(dev.app, name="dev")
 app.add_typer(release.app, name="release")
 app.add_typer(sim.app, name="sim")
