@@ -38,7 +38,10 @@ from otaflow.settings import load_settings
 
 logger = logging.getLogger(__name__)
 
-app = typer.Typer(no_args_is_help=True, help="Start releases from CI, follow them and decide their gates.")
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Start releases from CI, follow them and decide their gates.",
+)
 
 WAIT_POLL_INTERVAL_S = 2.0
 # With --wait, this many polls in a row may find the API unreachable (about a

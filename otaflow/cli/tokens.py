@@ -28,7 +28,9 @@ from otaflow.tokens import create_api_token, parse_scopes, revoke_api_token
 
 logger = logging.getLogger(__name__)
 
-app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API tokens for CI.")
+app = typer.Typer(
+    no_args_is_help=True, help="Create, list and revoke API tokens for CI."
+)
 
 
 @contextmanager
