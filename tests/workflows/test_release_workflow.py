@@ -273,7 +273,7 @@ async def test_reject_at_gate_rolls_back_installed_waves(
     assert len(fleet.called("dispatch_rollback")) == 1
 
 
-async def test_reject_requires_comment() -> None:
+def test_reject_requires_comment() -> None:
     with pytest.raises(ValueError, match="comment"):
         GateRejection(actor="alice", comment="")
 
