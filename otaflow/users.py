@@ -311,8 +311,12 @@ def _retry_after_s(oldest: datetime | None, now: datetime) -> int:
 def _record_rate_limited(engine: Engine, name: str, address: str, subject: str) -> None:
     with session_scope(engine) as session:
         record_audit(
-            session, f"user:{name}", "login.rate_limited", address, f"refused {subject}"
+            session,
+            f"user:{name}",
+            "login.rate_limited",
+            address,
+            f"rejected {subject}",
         )
     logger.warning(
-        "sign-in as %r from %s refused: rate limit %s", name, address, subject
+        "sign-in as %r from %s rejected: rate limit %s", name, address, subject
     )

@@ -19,7 +19,7 @@ from otaflow.errors import ConflictError, InvalidInputError
 from otaflow.settings import load_settings
 from otaflow.users import Role, check_password, create_user, list_users, parse_role
 
-app = typer.Typer(no_args_is_help=True, help=__doc__)
+app = typer.Typer(no_args_is_help=True, help="Add and list the portal's users.")
 
 
 def _administrator() -> str:

@@ -41,7 +41,7 @@ _addresses = itertools.count(2)
 
 
 class PortalClient(TestClient):
-    """A test client that remembers the client address the app sees."""
+    """A test client that keeps the client address that the app receives."""
 
     def __init__(self, app: FastAPI, address: str, base_url: str) -> None:
         super().__init__(
@@ -107,7 +107,7 @@ def release_state(engine: Engine, release_id: str) -> str | None:
         return release.state if release else None
 
 
-def start_form(product: str, **overrides: str) -> dict[str, str]:
+def start_form(product: str, /, **overrides: str) -> dict[str, str]:
     """Fields of the portal's start form for a stand-in release held at its gate."""
     return {
         "product": product,

@@ -1,8 +1,8 @@
 """Portal dependencies: the session, the signed-in user, roles and CSRF checks.
 
 Routes take these as ``Annotated`` aliases (``ViewerDep``, ``ManagerDep``,
-``AdminDep``), so handlers contain no access checks. A refused role check and
-a refused CSRF token are both written to the audit log.
+``AdminDep``), so handlers contain no access checks. A rejected role check and
+a rejected CSRF token are both written to the audit log.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class CsrfRejectedError(PortalAccessError):
 
 @dataclass(frozen=True)
 class Portal:
-    """What portal routes share for the app's lifetime."""
+    """Resources of the portal routes, kept for the app's lifetime."""
 
     settings: Settings
     engine: Engine
@@ -150,14 +150,14 @@ async def check_csrf(request: Request, session: SessionDep, portal: PortalDep) -
     actor = _actor_of_session(portal, session)
     _audit(portal, actor, "portal.csrf_rejected", request, f"{reason} CSRF token")
     logger.warning(
-        "%s %s from %s refused: %s CSRF token",
+        "%s %s from %s rejected: %s CSRF token",
         request.method,
         request.url.path,
         actor,
         reason,
     )
     raise CsrfRejectedError(
-        f"the request has a {reason} CSRF token, so it was refused; reload the"
+        f"the request has a {reason} CSRF token, so it was rejected; reload the"
         " page and try again"
     )
 
@@ -199,7 +199,7 @@ def _require(role: Role) -> object:
         detail = f"role {user.role} lacks {role}"
         _audit(portal, user.actor, "portal.forbidden", request, detail)
         logger.info(
-            "%s %s by %s refused: %s",
+            "%s %s by %s rejected: %s",
             request.method,
             request.url.path,
             user.actor,

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from otaflow.models import AuditEntry
 from web.portal.access import PortalDep, ViewerDep
 from web.portal.errors import PortalRoute
-from web.portal.paging import EmptyIsNone, page_count
+from web.portal.paging import EmptyIsNone, FilterText, page_count
 from web.portal.rendering import render
 
 router = APIRouter(route_class=PortalRoute)
@@ -26,8 +26,8 @@ def audit_page(
     request: Request,
     user: ViewerDep,
     portal: PortalDep,
-    action: Annotated[str | None, EmptyIsNone, Query(max_length=64)] = None,
-    actor: Annotated[str | None, EmptyIsNone, Query(max_length=200)] = None,
+    action: Annotated[FilterText | None, EmptyIsNone, Query()] = None,
+    actor: Annotated[FilterText | None, EmptyIsNone, Query()] = None,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
 ) -> Response:
     rows, total = find_entries(portal.engine, action, actor, page)

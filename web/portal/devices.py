@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import Engine, func
@@ -13,7 +13,7 @@ from starlette.responses import Response
 from otaflow.models import Device
 from web.portal.access import PortalDep, ViewerDep
 from web.portal.errors import PortalRoute
-from web.portal.paging import EmptyIsNone, page_count
+from web.portal.paging import EmptyIsNone, FilterText, page_count
 from web.portal.rendering import render
 
 router = APIRouter(route_class=PortalRoute)
@@ -27,12 +27,12 @@ ONLINE_CHOICES = {"yes": True, "no": False}
 
 @dataclass(frozen=True)
 class DeviceSearch:
-    q: Annotated[str | None, EmptyIsNone, Query(max_length=128)] = None
-    product: Annotated[str | None, EmptyIsNone, Query(max_length=64)] = None
-    hardware: Annotated[str | None, EmptyIsNone, Query(max_length=64)] = None
-    version: Annotated[str | None, EmptyIsNone, Query(max_length=100)] = None
-    group: Annotated[str | None, EmptyIsNone, Query(max_length=64)] = None
-    online: Annotated[str | None, EmptyIsNone, Query(pattern="^(yes|no)$")] = None
+    q: Annotated[FilterText | None, EmptyIsNone, Query()] = None
+    product: Annotated[FilterText | None, EmptyIsNone, Query()] = None
+    hardware: Annotated[FilterText | None, EmptyIsNone, Query()] = None
+    version: Annotated[FilterText | None, EmptyIsNone, Query()] = None
+    group: Annotated[FilterText | None, EmptyIsNone, Query()] = None
+    online: Annotated[Literal["yes", "no"] | None, EmptyIsNone, Query()] = None
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1
 
     def params(self) -> dict[str, object]:
@@ -122,17 +122,17 @@ def version_distribution(engine: Engine, search: DeviceSearch) -> list[VersionSh
             .order_by(func.count().desc(), col(Device.current_version))
         ).all()
     total = sum(count for _, count in rows) or 1
-    shown = [(version, count) for version, count in rows[:MAX_CHART_VERSIONS]]
+    listed = [(version, count) for version, count in rows[:MAX_CHART_VERSIONS]]
     rest = sum(count for _, count in rows[MAX_CHART_VERSIONS:])
     if rest:
-        shown.append(("other", rest))
+        listed.append(("other", rest))
     return [
-        VersionShare(version, count, 100 * count / total) for version, count in shown
+        VersionShare(version, count, 100 * count / total) for version, count in listed
     ]
 
 
 def filter_options(engine: Engine) -> dict[str, list[str]]:
-    """The distinct values offered in each filter's drop-down list."""
+    """Read the distinct values offered in each filter's drop-down list."""
     columns = {
         "product": Device.product,
         "hardware": Device.hardware,

@@ -1,6 +1,6 @@
 """HTML error pages of the portal, next to the API's JSON errors.
 
-The app's exception handlers (``web.errors``) answer in JSON. For paths
+The app's exception handlers (``web.errors``) return JSON. For paths
 outside the API they are wrapped here so that a browser gets an HTML page,
 or, for an htmx request, a short notice swapped into the page's ``#flash``
 area. ``PortalRoute`` turns any other exception of a portal route into a

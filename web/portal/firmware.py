@@ -12,7 +12,7 @@ from starlette.responses import Response
 from otaflow.models import Firmware, Release
 from web.portal.access import PortalDep, ViewerDep
 from web.portal.errors import PortalRoute
-from web.portal.paging import EmptyIsNone, page_count
+from web.portal.paging import EmptyIsNone, FilterText, page_count
 from web.portal.rendering import render
 
 router = APIRouter(route_class=PortalRoute)
@@ -25,7 +25,7 @@ def firmware_page(
     request: Request,
     user: ViewerDep,
     portal: PortalDep,
-    product: Annotated[str | None, EmptyIsNone, Query(max_length=64)] = None,
+    product: Annotated[FilterText | None, EmptyIsNone, Query()] = None,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
 ) -> Response:
     rows, total = find_firmware(portal.engine, product, page)
@@ -62,7 +62,7 @@ def find_firmware(
 def releases_by_sha256(
     engine: Engine, digests: list[str]
 ) -> dict[str, list[tuple[str, str]]]:
-    """The (id, state) of every release of each build, keyed by its SHA-256."""
+    """Map each build's SHA-256 to the (id, state) of the releases that shipped it."""
     if not digests:
         return {}
     with Session(engine) as session:

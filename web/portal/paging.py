@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BeforeValidator
+from typing import Annotated
+
+from pydantic import BeforeValidator, StringConstraints
 
 
 def _none_if_empty(value: object) -> object:
@@ -11,6 +13,10 @@ def _none_if_empty(value: object) -> object:
 
 # An HTML form sends an unset filter as an empty value; it means "no filter".
 EmptyIsNone = BeforeValidator(_none_if_empty)
+
+
+# The text of a filter such as a product or device id search.
+FilterText = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
 
 
 def page_count(total: int, page_size: int) -> int:

@@ -200,7 +200,11 @@ async def _send_action(
     action: ReleaseAction,
     form: ActionForm,
 ) -> _Outcome:
-    """Validate the form, spend its nonce and send the update; never raises."""
+    """Validate the form, spend its nonce and send the update.
+
+    Invalid input, a spent nonce, a rejected update and an unreachable
+    Temporal come back as an outcome for the panel. Other errors propagate.
+    """
     values = {
         f"{action}.comment": form.comment,
         f"{action}.roll_back": str(form.roll_back),

@@ -79,7 +79,7 @@ async def start_release(
                 return await _render_form(request, portal, values, errors, 422)
             started = await portal.releases.start_release(draft, form.image, user.actor)
     except ApiError as error:
-        return _upload_refused(request, error)
+        return _upload_rejected(request, error)
     except (
         InvalidInputError,
         ConflictError,
@@ -167,7 +167,7 @@ def _release_policy(engine: Engine, release_id: str) -> str:
 
 
 def _policy_choices(engine: Engine) -> list[PolicyChoice]:
-    """The default policy, then the policies of recent releases, one per name."""
+    """List the default policy, then the policies of recent releases, one per name."""
     with Session(engine) as session:
         rows = session.exec(
             select(Release.id, Release.policy_json)
@@ -218,8 +218,8 @@ def _start_errors(error: Exception) -> tuple[int, dict[str, str]]:
     return 503, {"form": str(error)}
 
 
-def _upload_refused(request: Request, error: ApiError) -> Response:
-    """Show a refused upload (too large) next to the image field.
+def _upload_rejected(request: Request, error: ApiError) -> Response:
+    """Show a rejected upload (too large) next to the image field.
 
     The rest of the form may not have been read, so htmx swaps only the
     message and the browser keeps what the user typed.

@@ -1,4 +1,4 @@
-"""What the release pages show, assembled from the service layer and the tables.
+"""Data of the release pages, assembled from the service layer and the tables.
 
 Releases, waves and the timeline come from ``ReleaseService``; the live phase
 from the workflow's ``progress`` query. Device counts are aggregated from
@@ -351,7 +351,7 @@ def _stage_steps(
 
 
 def _latest_progress_stage(events: list[TimelineEvent]) -> str | None:
-    """The stage of the newest event that is not a pause, resume or note."""
+    """Return the stage of the newest event that is not a pause or resume."""
     for event in reversed(events):
         if event.stage not in ("pause", "resume"):
             return event.stage

@@ -1,8 +1,8 @@
 """Release pages: the list, the detail page and its live updates.
 
 The detail page polls ``/releases/{id}/live`` every two seconds with htmx.
-The request carries fingerprints of what the page shows; the response is
-204 No Content while nothing changed, and otherwise swaps the changed
+The request carries fingerprints of what the page shows. While nothing
+changed the response is 204 No Content. Otherwise it swaps the changed
 sections out of band. Once the release is final the response replaces the
 poller with one that no longer polls, and closing the tab stops it as well.
 """
@@ -20,7 +20,7 @@ from starlette.responses import Response
 from otaflow.protocol import DeviceState
 from web.portal.access import Portal, PortalDep, PortalUser, ViewerDep
 from web.portal.errors import PortalRoute
-from web.portal.paging import EmptyIsNone, page_count
+from web.portal.paging import EmptyIsNone, FilterText, page_count
 from web.portal.release_actions import ActionPanel, action_panel
 from web.portal.release_views import (
     RELEASE_PAGE_SIZE,
@@ -42,7 +42,7 @@ POLL_INTERVAL_S = 2
 @dataclass(frozen=True)
 class ReleaseFilters:
     state: Annotated[ReleasePhase | None, EmptyIsNone, Query()] = None
-    product: Annotated[str | None, EmptyIsNone, Query(max_length=64)] = None
+    product: Annotated[FilterText | None, EmptyIsNone, Query()] = None
     page: Annotated[int, Query(ge=1, le=100_000)] = 1
 
 

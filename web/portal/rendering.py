@@ -37,6 +37,9 @@ STATE_TONES = {
     "completed": "good",
     "succeeded": "good",
     "promoted": "good",
+    "promote": "good",
+    "hold": "attention",
+    "rollback": "bad",
     "awaiting_approval": "attention",
     "held": "attention",
     "gate": "attention",
@@ -118,8 +121,8 @@ def url_path(value: str) -> str:
 def query_string(params: Mapping[str, object], **changes: object) -> str:
     """Build ``?a=1&b=2`` from ``params`` with ``changes``, leaving out empty values."""
     merged = {**params, **changes}
-    kept = {key: value for key, value in merged.items() if value not in (None, "")}
-    return "?" + urlencode(kept) if kept else ""
+    present = {key: value for key, value in merged.items() if value not in (None, "")}
+    return "?" + urlencode(present) if present else ""
 
 
 def _make_templates() -> Jinja2Templates:

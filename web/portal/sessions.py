@@ -1,6 +1,6 @@
 """Signed session cookies, CSRF tokens and one-time form nonces of the portal.
 
-A session is a cookie signed with ``itsdangerous``: it holds the user id
+A session is a cookie signed with ``itsdangerous``. It contains the user id
 (absent before sign-in), a random CSRF token and the time it was issued, and
 expires ``SESSION_MAX_AGE`` after sign-in. Each request reloads the user, so
 a role change or a disabled account takes effect at once.

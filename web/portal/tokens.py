@@ -24,7 +24,7 @@ from web.portal.rendering import render
 router = APIRouter(route_class=PortalRoute)
 
 MAX_TOKEN_NAME_CHARS = 100
-NOTICES = {"revoked": "Token revoked: requests with it are refused from now on."}
+NOTICES = {"revoked": "Token revoked: requests with it are rejected from now on."}
 
 
 class TokenForm(BaseModel):

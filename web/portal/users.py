@@ -88,7 +88,7 @@ def change_role(
     try:
         set_role(portal.engine, user_id, parse_role(form.role), user.actor)
     except (InvalidInputError, ConflictError) as error:
-        return _refused(request, portal.engine, error)
+        return _rejected_change(request, portal.engine, error)
     return RedirectResponse("/admin/users?notice=role", status_code=303)
 
 
@@ -99,7 +99,7 @@ def disable_user(
     try:
         set_disabled(portal.engine, user_id, True, user.actor)
     except ConflictError as error:
-        return _refused(request, portal.engine, error)
+        return _rejected_change(request, portal.engine, error)
     return RedirectResponse("/admin/users?notice=disabled", status_code=303)
 
 
@@ -126,7 +126,7 @@ def _check_new_user(form: NewUserForm) -> dict[str, str]:
     return errors
 
 
-def _refused(request: Request, engine: Engine, error: Exception) -> Response:
+def _rejected_change(request: Request, engine: Engine, error: Exception) -> Response:
     message = error.message if isinstance(error, InvalidInputError) else str(error)
     context = _context(engine, error=message)
     return render(request, "admin/users.html", context, status_code=409)
