@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlmodel.sql.sqltypes import AutoString
 
 import otaflow.models
 
@@ -23,15 +22,15 @@ def upgrade() -> None:
     op.create_table(
         "portaluser",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("name", AutoString(length=64), nullable=False),
-        sa.Column("role", AutoString(length=32), nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("role", sa.String(length=32), nullable=False),
         sa.Column(
             "password_hash",
-            AutoString(length=200),
+            sa.String(length=200),
             nullable=False,
         ),
         sa.Column("disabled", sa.Boolean(), nullable=False),
-        sa.Column("created_by", AutoString(length=200), nullable=False),
+        sa.Column("created_by", sa.String(length=200), nullable=False),
         sa.Column(
             "created_at", otaflow.models.UTCDateTime(timezone=True), nullable=False
         ),
@@ -44,10 +43,10 @@ def upgrade() -> None:
     op.create_table(
         "failedlogin",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("username", AutoString(length=64), nullable=False),
+        sa.Column("username", sa.String(length=64), nullable=False),
         sa.Column(
             "client_address",
-            AutoString(length=64),
+            sa.String(length=64),
             nullable=False,
         ),
         sa.Column("at", otaflow.models.UTCDateTime(timezone=True), nullable=False),
@@ -64,7 +63,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "usedformnonce",
-        sa.Column("nonce", AutoString(length=64), nullable=False),
+        sa.Column("nonce", sa.String(length=64), nullable=False),
         sa.Column("used_at", otaflow.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("nonce"),
     )
