@@ -5,6 +5,9 @@ Example::
     python -m device_sim --devices 100 --product thermostat --hardware hw-a \\
         --version 1.0.0 --profile crash:5 --profile slow:10
 
+With ``--lab-devices N`` the last N devices are lab devices, which boot
+every image they install in the board's QEMU (``device_sim.lab``).
+
 Once every device that is not ``offline`` has connected, or the connect
 timeout has passed, it writes ``<state-dir>/ready.json`` and logs a line
 starting with ``ready:``. ``otaflow sim start`` waits for that file.
@@ -24,10 +27,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from device_sim.boards import board_for, require_emulator
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.profiles import Profile, ProfileCount
 from otaflow.errors import InvalidInputError
 from otaflow.manifest import TrustStore
+from otaflow.uboot import FirmwareImageError, uboot_image
 
 logger = logging.getLogger("device_sim")
 
@@ -60,6 +65,15 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected seconds above 0"
+        )
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -85,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run simulated otaflow devices (MQTT contract v1) until stopped.",
     )
     _add_device_options(parser)
+    _add_lab_options(parser)
     _add_runtime_options(parser)
     return parser
 
@@ -120,6 +135,41 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
         help="every device, whatever its profile, fails to boot this version",
     )
     add("--id-prefix", default="sim", help="device ids are PREFIX-0000 upwards")
+
+
+def _add_lab_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--lab-devices",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help=(
+            "make the last N devices lab devices, which boot each image in the"
+            " QEMU of their --hardware board (qemu_arm64, qemu_arm, qemu-riscv64)"
+        ),
+    )
+    add(
+        "--lab-factory-image",
+        type=Path,
+        metavar="PATH",
+        help=(
+            "factory image of the lab devices (default: the board's U-Boot from"
+            " Debian's u-boot-qemu, fetched into --image-cache)"
+        ),
+    )
+    add(
+        "--lab-boot-timeout-s",
+        type=_positive_seconds,
+        metavar="S",
+        help="time limit of one lab device boot in seconds (default: the board's)",
+    )
+    add(
+        "--image-cache",
+        type=Path,
+        default=Path(".otaflow/cache"),
+        help="directory that caches Debian's u-boot-qemu package",
+    )
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +226,21 @@ def load_trust(parser: argparse.ArgumentParser, path: Path) -> TrustStore:
         )
 
 
+def lab_factory_image(args: argparse.Namespace) -> Path | None:
+    """Return the lab devices' factory image, fetching the board's U-Boot if needed.
+
+    Raises ``InvalidInputError`` when the hardware has no board or its QEMU
+    is missing, before anything is downloaded, and ``FirmwareImageError``
+    when the U-Boot image cannot be fetched.
+    """
+    if not args.lab_devices:
+        return None
+    require_emulator(board_for(args.hardware))
+    if args.lab_factory_image is not None:
+        return Path(args.lab_factory_image).absolute()
+    return uboot_image(args.image_cache.absolute(), args.hardware)
+
+
 def build_config(args: argparse.Namespace, trust: TrustStore) -> FleetConfig:
     return FleetConfig(
         product=args.product,
@@ -194,6 +259,9 @@ def build_config(args: argparse.Namespace, trust: TrustStore) -> FleetConfig:
         step_delay_s=args.step_delay_s,
         connect_batch_size=args.connect_batch_size,
         max_concurrent_downloads=args.max_concurrent_downloads,
+        lab_devices=args.lab_devices,
+        lab_factory_image=lab_factory_image(args),
+        lab_boot_timeout_s=args.lab_boot_timeout_s,
     )
 
 
@@ -258,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(args, trust)
     except InvalidInputError as error:
         parser.error(f"argument --{error.field}: {error.message}")
+    except FirmwareImageError as error:
+        parser.error(f"argument --lab-devices: {error}")
     asyncio.run(run_fleet(config))
     return 0
 

@@ -13,6 +13,11 @@ Every manifest check runs before a byte is downloaded or written, so a
 rejected manifest leaves slots and stored state as they were. Installs run
 one at a time in arrival order. A release is handled once: a repeated
 install command re-reports the state the release reached.
+
+A virtual device simulates its boots from its behaviour profile. A device
+given a ``Bootloader`` (a lab device, ``device_sim.lab``) writes each image
+into a real slot file and boots it, and the bootloader decides whether a
+trial boot was good.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ import json
 import logging
 from collections.abc import Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
 from device_sim.blobs import BlobStore
 from device_sim.download import DownloadJob, ImageDownloader
 from device_sim.profiles import Behaviour
-from device_sim.reports import Reporter
-from device_sim.slots import DeviceRecord, ReleaseRecord, Slot
+from device_sim.reports import ConsoleCapture, Reporter
+from device_sim.slots import DeviceRecord, ReleaseRecord, Slot, SlotName
 from otaflow.errors import ManifestRejectedError
 from otaflow.manifest import Manifest, SignedManifest, TrustStore, verify_manifest
 from otaflow.protocol import (
@@ -54,6 +60,24 @@ class _InstallStoppedError(Exception):
     """A cancel or rollback command stopped an install before it rebooted."""
 
 
+class Bootloader(Protocol):
+    """Slot storage and boots of a device whose boots are real, not simulated."""
+
+    async def write_slot(self, slot: SlotName, source: Path, sha256: str) -> None:
+        """Write the verified image at ``source`` into ``slot``."""
+
+    async def boot_trial(self, record: DeviceRecord) -> str | None:
+        """Boot ``record.trial``, falling back on failure; return the failure detail."""
+
+    async def boot_active(
+        self, record: DeviceRecord, purpose: Literal["power-on", "rollback"]
+    ) -> bool:
+        """Boot the active slot; return whether it came up."""
+
+    def take_console(self) -> ConsoleCapture:
+        """Return the banner and the not yet reported boot log."""
+
+
 class DeviceAgent:
     """Handles one device's commands and reports, and owns its stored state."""
 
@@ -67,6 +91,7 @@ class DeviceAgent:
         blobs: BlobStore,
         downloader: ImageDownloader,
         download_slots: asyncio.Semaphore,
+        bootloader: Bootloader | None = None,
     ) -> None:
         self.record = record
         self.reporter = reporter
@@ -75,6 +100,7 @@ class DeviceAgent:
         self._blobs = blobs
         self._downloader = downloader
         self._download_slots = download_slots
+        self.bootloader = bootloader
         self._install_lock = asyncio.Lock()
         self._installs: dict[str, asyncio.Task[None]] = {}
         self._stop_requested: set[str] = set()
@@ -93,6 +119,17 @@ class DeviceAgent:
         for release_id, release in list(self.record.releases.items()):
             if not release.finished and release.state is not DeviceState.REBOOTING:
                 self._spawn(self._report_interrupted(release_id, release.state))
+
+    async def power_on(self) -> None:
+        """Boot the active slot of a device with a bootloader, unless a trial is due.
+
+        A pending trial boot is resumed by ``start`` instead.
+        """
+        if self.bootloader is None or self.record.trial is not None:
+            return
+        async with self._install_lock:
+            await self.bootloader.boot_active(self.record, "power-on")
+            self._booted_at = asyncio.get_running_loop().time()
 
     async def stop(self) -> None:
         """Cancel every running task; their last stored state stays as it is."""
@@ -162,6 +199,12 @@ class DeviceAgent:
         await self._step(release_id)
         await self._report_status(release_id, DeviceState.INSTALLING)
         await self._step(release_id)
+        if self.bootloader is not None:
+            await self.bootloader.write_slot(
+                self.record.inactive_slot,
+                self._blobs.path(manifest.sha256),
+                manifest.sha256,
+            )
         self.record.write_inactive(
             Slot(
                 version=manifest.version,
@@ -261,15 +304,22 @@ class DeviceAgent:
         assert trial is not None
         image = self.record.slots[trial.slot]
         assert image is not None
-        self._booted_at = asyncio.get_running_loop().time()
-        if self.behaviour.crashes_on(image.version):
-            self.record.fail_trial()
-            detail = (
+
+        if self.bootloader is not None:
+            failure = await self.bootloader.boot_trial(self.record)
+        elif self.behaviour.crashes_on(image.version):
+            failure = (
                 f"version {image.version} crashed after booting from slot"
                 f" {trial.slot}; the bootloader booted slot"
                 f" {self.record.active_slot} ({self.record.running.version}) again"
             )
-            await self._report_failure(release_id, FailureReason.BOOT_FAILED, detail)
+        else:
+            failure = None
+        self._booted_at = asyncio.get_running_loop().time()
+
+        if failure is not None:
+            self.record.fail_trial()
+            await self._report_failure(release_id, FailureReason.BOOT_FAILED, failure)
         else:
             self.record.confirm_trial()
             await self._report_status(
@@ -305,6 +355,8 @@ class DeviceAgent:
             running = self.record.running
             if running.release_id == release_id:
                 self.record.boot_previous()
+                if self.bootloader is not None:
+                    await self.bootloader.boot_active(self.record, "rollback")
                 self._booted_at = asyncio.get_running_loop().time()
                 detail = (
                     f"booted slot {self.record.active_slot}"
@@ -364,7 +416,10 @@ class DeviceAgent:
 
     async def send_health(self) -> None:
         loop_time = asyncio.get_running_loop().time()
-        await self.reporter.health(uptime_s=loop_time - self._booted_at)
+        console = self.bootloader.take_console() if self.bootloader else None
+        await self.reporter.health(
+            uptime_s=loop_time - self._booted_at, console=console
+        )
 
     async def _report_status(
         self,

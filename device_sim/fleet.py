@@ -7,6 +7,11 @@ with 10,000 sessions), and a running download costs one more socket. So
 ``devices + max_concurrent_downloads`` plus a few dozen must stay below the
 process's open-file limit (``ulimit -n``).
 
+The last ``lab_devices`` devices of a fleet are lab devices (``device_sim.lab``):
+they store images in slot files and boot them in QEMU. They still follow
+their profile for downloads and connections, but their boots are real, so
+the ``crash`` profile and ``crash_on_version`` do not apply to them.
+
 Usage from a test::
 
     async with Fleet(FleetConfig(...)) as fleet:
@@ -31,6 +36,7 @@ from device_sim.agent import DeviceAgent
 from device_sim.blobs import BlobStore
 from device_sim.device import VirtualDevice
 from device_sim.download import ImageDownloader
+from device_sim.lab import LabBench, check_lab_setup
 from device_sim.profiles import (
     Profile,
     ProfileCount,
@@ -64,6 +70,8 @@ class FleetConfig:
     (verify, install, reboot), jittered per device. ``slow`` devices take
     several times longer. ``stall_timeout_s`` is how long a download may go
     without a byte before it fails with ``download_timeout``.
+    ``lab_factory_image`` is the image in slot a of a new lab device, and
+    ``lab_boot_timeout_s`` overrides the board's time limit of one boot.
     """
 
     product: str
@@ -88,6 +96,9 @@ class FleetConfig:
     history_limit: int = 200
     seed: str = "device_sim"
     backoff: Backoff = field(default_factory=Backoff)
+    lab_devices: int = 0
+    lab_factory_image: Path | None = None
+    lab_boot_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("product", "hardware", "group"):
@@ -106,10 +117,29 @@ class FleetConfig:
             assign_profiles(self.devices, self.profiles)
         except ValueError as error:
             raise InvalidInputError("profile", self.profiles, str(error)) from None
+        self._check_lab()
+
+    def _check_lab(self) -> None:
+        if not 0 <= self.lab_devices <= self.devices:
+            raise InvalidInputError(
+                "lab-devices",
+                self.lab_devices,
+                f"must be from 0 to the number of devices ({self.devices})",
+            )
+        if self.lab_boot_timeout_s is not None and self.lab_boot_timeout_s <= 0:
+            raise InvalidInputError(
+                "lab-boot-timeout-s", self.lab_boot_timeout_s, "must be above 0"
+            )
+        if self.lab_devices:
+            check_lab_setup(self.hardware, self.lab_factory_image)
 
     def device_ids(self) -> list[str]:
         width = max(4, len(str(self.devices - 1)))
         return [f"{self.id_prefix}-{index:0{width}d}" for index in range(self.devices)]
+
+    def lab_device_ids(self) -> list[str]:
+        """Return the ids of the lab devices: the last ``lab_devices`` ids."""
+        return self.device_ids()[self.devices - self.lab_devices :]
 
 
 class Fleet:
@@ -123,6 +153,15 @@ class Fleet:
         self._blobs = BlobStore(config.state_dir / "blobs")
         self._http: httpx.AsyncClient | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._lab: LabBench | None = None
+        if config.lab_devices:
+            assert config.lab_factory_image is not None
+            self._lab = LabBench(
+                check_lab_setup(config.hardware, config.lab_factory_image),
+                state_dir=config.state_dir,
+                factory_image=config.lab_factory_image,
+                boot_timeout_s=config.lab_boot_timeout_s,
+            )
 
     async def __aenter__(self) -> Fleet:
         await self.start()
@@ -171,11 +210,26 @@ class Fleet:
         downloader = ImageDownloader(self._http, stall_timeout_s=config.stall_timeout_s)
         download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
         profiles = assign_profiles(config.devices, config.profiles)
+        lab_ids = set(config.lab_device_ids())
         for device_id, profile in zip(config.device_ids(), profiles, strict=True):
-            device = self._build_device(device_id, profile, downloader, download_slots)
+            device = self._build_device(
+                device_id, profile, downloader, download_slots, lab=device_id in lab_ids
+            )
             self.devices[device_id] = device
         self._monitor = asyncio.create_task(self._log_progress())
+        await self._power_on_lab_devices()
         await self._connect_in_batches()
+
+    async def _power_on_lab_devices(self) -> None:
+        # Lab devices boot before they connect, so their first health report
+        # carries the banner and boot log of the firmware they run.
+        await asyncio.gather(
+            *(
+                device.agent.power_on()
+                for device in self.devices.values()
+                if device.agent.bootloader is not None
+            )
+        )
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Wait until every device that is not ``offline`` is connected."""
@@ -235,6 +289,8 @@ class Fleet:
         profile: Profile,
         downloader: ImageDownloader,
         download_slots: asyncio.Semaphore,
+        *,
+        lab: bool = False,
     ) -> VirtualDevice:
         config = self.config
         rng = device_random(config.seed, device_id)
@@ -263,6 +319,11 @@ class Fleet:
             blobs=self._blobs,
             downloader=downloader,
             download_slots=download_slots,
+            bootloader=(
+                self._lab.bootloader(record, self._blobs)
+                if lab and self._lab is not None
+                else None
+            ),
         )
         session = None
         if behaviour.connects:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from device_sim.slots import DeviceRecord, ReleaseRecord, StateFile
 from otaflow.protocol import (
+    BOOT_LOG_MAX_CHARS,
     STATE_RANK,
     Channel,
     DeviceState,
@@ -23,9 +25,23 @@ from otaflow.protocol import (
 )
 
 MAX_DETAIL_CHARS = 2000
+MAX_BANNER_CHARS = 500
 
 Publish = Callable[[Channel, bytes], Awaitable[None]]
 Report = StatusReport | HealthReport
+
+
+@dataclass(frozen=True)
+class ConsoleCapture:
+    """The serial console output of a lab device's last boot.
+
+    ``banner`` is the banner line the running firmware printed, None when it
+    printed none. ``log`` is the console tail of the boot that the next
+    health report follows, None when that report follows no boot.
+    """
+
+    banner: str | None
+    log: str | None
 
 
 class Reporter:
@@ -50,9 +66,20 @@ class Reporter:
         self._publish = publish
         self._on_report = on_report
 
-    async def health(self, uptime_s: float) -> None:
+    async def health(
+        self, uptime_s: float, console: ConsoleCapture | None = None
+    ) -> None:
+        """Send a health report; ``console`` is given by lab devices only."""
         record = self._record
         running = record.running
+        if console is None:
+            banner: str | None = (
+                f"device_sim {running.version} slot {record.active_slot}"
+            )
+            boot_log = None
+        else:
+            banner = console.banner[:MAX_BANNER_CHARS] if console.banner else None
+            boot_log = console.log[-BOOT_LOG_MAX_CHARS:] if console.log else None
         report = HealthReport(
             device_id=record.device_id,
             seq=record.take_seq(),
@@ -66,8 +93,9 @@ class Reporter:
             boot_result=record.last_boot_result,
             uptime_s=round(max(uptime_s, 0.0), 3),
             crash_count=record.crash_count,
-            lab=False,
-            boot_banner=f"device_sim {running.version} slot {record.active_slot}",
+            lab=console is not None,
+            boot_banner=banner,
+            boot_log=boot_log,
             sent_at=datetime.now(UTC),
         )
         await self._send(Channel.HEALTH, report)

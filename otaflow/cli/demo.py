@@ -11,8 +11,9 @@ from urllib.parse import quote
 
 import typer
 from sqlalchemy import Engine, func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
+from device_sim.boards import BOARDS
 from otaflow.db import make_engine
 from otaflow.devstack import LocalStack
 from otaflow.errors import OtaflowError
@@ -26,6 +27,9 @@ FLEET_NAME = "demo"
 FACTORY_VERSION = "1.0.0"
 DEMO_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policies" / "demo.yaml"
 REGISTRATION_TIMEOUT_S = 120
+# Lab devices boot every release in QEMU; the demo policy puts them first in
+# the canary wave.
+DEMO_LAB_DEVICES = 2
 
 
 def demo(
@@ -47,8 +51,9 @@ def demo(
         typer.echo(f"      {image} ({image.stat().st_size:,} bytes)")
 
         _step(3, f"starting {devices} simulated devices on {FACTORY_VERSION}")
+        lab_devices = _lab_devices(board)
         engine = make_engine(settings.resolved_database_url)
-        _start_fleet(devices, product, board)
+        _start_fleet(devices, product, board, lab_devices)
         _wait_registered(engine, product, board, devices)
 
         version = _next_version(engine, product, board)
@@ -74,6 +79,7 @@ def demo(
 
     _step(5, "outcome")
     _print_versions(engine, product, board)
+    _print_lab_devices(engine, product, board)
     _print_links(settings, release_id_for(product, board, version))
     raise typer.Exit(exit_code)
 
@@ -90,7 +96,26 @@ def _run_cli(*arguments: str) -> int:
     ).returncode
 
 
-def _start_fleet(devices: int, product: str, board: str) -> None:
+def _lab_devices(board: str) -> int:
+    """Return how many lab devices the demo runs, saying why when there are none."""
+    lab_board = BOARDS.get(board)
+    if lab_board is None:
+        typer.echo(f"      {board} has no QEMU lab board: no lab devices in this demo")
+        return 0
+    if lab_board.emulator_path() is None:
+        typer.echo(
+            f"      QEMU not found (install {lab_board.package}): no lab devices in"
+            " this demo"
+        )
+        return 0
+    typer.echo(
+        f"      the last {DEMO_LAB_DEVICES} are lab devices: they boot each release"
+        f" in {lab_board.qemu_binary}"
+    )
+    return DEMO_LAB_DEVICES
+
+
+def _start_fleet(devices: int, product: str, board: str, lab_devices: int) -> None:
     status = subprocess.run(
         [sys.executable, "-m", "otaflow", "sim", "status"],
         capture_output=True,
@@ -113,6 +138,8 @@ def _start_fleet(devices: int, product: str, board: str) -> None:
         board,
         "--version",
         FACTORY_VERSION,
+        "--lab-devices",
+        str(lab_devices),
     )
     if code != 0:
         raise OtaflowError(f"'otaflow sim start' exited with {code}")
@@ -167,6 +194,21 @@ def _print_versions(engine: Engine, product: str, board: str) -> None:
         ).all()
     for version, count in sorted(rows):
         typer.echo(f"      {count} devices run {version}")
+
+
+def _print_lab_devices(engine: Engine, product: str, board: str) -> None:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(Device)
+            .where(Device.product == product, Device.hardware == board, Device.lab)
+            .order_by(col(Device.device_id))
+        ).all()
+    for device in rows:
+        typer.echo(
+            f"      lab device {device.device_id} runs {device.current_version} from"
+            f" slot {device.active_slot}, last boot {device.boot_result}, banner"
+            f" {device.boot_banner or '(none)'}"
+        )
 
 
 def _print_links(settings: Settings, release_id: str) -> None:

@@ -109,6 +109,18 @@ def start(
     ready_timeout_s: Annotated[
         float, typer.Option(help="Seconds to wait for the devices to connect.")
     ] = 300.0,
+    lab_devices: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Make the last N devices lab devices, which boot every image in"
+            " the QEMU of their hardware board (qemu_arm64, qemu_arm, qemu-riscv64).",
+        ),
+    ] = 0,
+    lab_boot_timeout_s: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Time limit of one lab device boot in seconds."),
+    ] = None,
 ) -> None:
     """Start a simulated fleet in the background and wait until it is connected."""
     settings = load_settings()
@@ -128,13 +140,20 @@ def start(
         *("--group", group, "--id-prefix", prefix),
         *(argument for item in profile or [] for argument in ("--profile", item)),
         *(("--crash-on-version", crash_on_version) if crash_on_version else ()),
+        *("--lab-devices", str(lab_devices)),
+        *(
+            ("--lab-boot-timeout-s", str(lab_boot_timeout_s))
+            if lab_boot_timeout_s
+            else ()
+        ),
     ]
     process = _spawn(command, paths)
     summary = _wait_ready(process, paths, ready_timeout_s)
+    lab = f", the last {lab_devices} of them lab devices" if lab_devices else ""
     typer.echo(
         f"fleet {name!r} started: pid {process.pid}, {summary['connected']} of"
         f" {summary['devices']} devices connected ({summary['offline']} offline by"
-        f" profile), ids from {summary['first_device']}; log {paths.log_file}"
+        f" profile), ids from {summary['first_device']}{lab}; log {paths.log_file}"
     )
 
 
@@ -198,6 +217,7 @@ def _simulator_command(settings: Settings, paths: FleetPaths) -> list[str]:
         *("--state-dir", str(paths.state_dir)),
         *("--mqtt-host", settings.mqtt_host, "--mqtt-port", str(settings.mqtt_port)),
         *("--trusted-keys", str(settings.resolved_trusted_keys_file)),
+        *("--image-cache", str(settings.cache_dir)),
     ]
 
 
