@@ -94,5 +94,7 @@ def logout(request: Request, user: ViewerDep, portal: PortalDep) -> Response:
     with session_scope(portal.engine) as session:
         record_audit(session, user.actor, "logout", client)
     response = RedirectResponse("/login", status_code=303)
+    # NOTE: sessions live in signed cookies, not on the server, so a copy of
+    # this cookie stays valid until it expires unless the user is disabled.
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
