@@ -1,8 +1,8 @@
 """Lab device test fixtures: those of the simulator tests, on the same services.
 
-The broker, SeaweedFS, the signing key and the release factory come from
-``tests/device_sim/conftest.py``, so lab devices are driven exactly as the
-simulator tests drive virtual devices.
+The broker, SeaweedFS, the signing keys, the devices' trust and the release
+factory are the fixtures of ``tests/device_sim/conftest.py``, so lab devices
+are driven exactly as the simulator tests drive virtual devices.
 """
 
 from __future__ import annotations
@@ -12,30 +12,11 @@ from pathlib import Path
 import pytest
 
 from otaflow.uboot import uboot_image
-from tests.device_sim.conftest import (
-    broker,
-    firmware_store,
-    id_prefix,
-    make_config,
-    releases,
-    s3_settings,
-    server,
-    signing_key,
-    trust,
-)
-from tests.lab.lab_support import IMAGE_CACHE
 
-__all__ = [
-    "broker",
-    "firmware_store",
-    "id_prefix",
-    "make_config",
-    "releases",
-    "s3_settings",
-    "server",
-    "signing_key",
-    "trust",
-]
+# Every fixture of the simulator tests, with the fixtures they depend on, so
+# this file need not follow changes to that list.
+from tests.device_sim.conftest import *  # noqa: F403
+from tests.lab.lab_support import IMAGE_CACHE
 
 
 @pytest.fixture(scope="session")
