@@ -154,7 +154,10 @@ def release_history(browser_engine: Engine) -> None:
         )
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while Playwright's synchronous API runs, it
+# leaves its event loop marked as running in this thread, and the async
+# tests that pytest runs after this module could not start theirs.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium package")
