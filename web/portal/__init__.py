@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from web.portal import (
     audit_log,
     auth,
+    device_page,
     devices,
     firmware,
     release_actions,
@@ -30,6 +31,7 @@ def portal_router() -> APIRouter:
         releases,
         release_actions,
         devices,
+        device_page,
         firmware,
         audit_log,
         tokens,

@@ -19,7 +19,7 @@ from anyio import to_thread
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from otaflow.models import Release, ReleaseTarget, ReleaseWave
+from otaflow.models import Device, Release, ReleaseTarget, ReleaseWave
 from otaflow.protocol import STATE_RANK, DeviceState
 from otaflow.releases import LiveProgress, ReleaseDetails, ReleaseService, TimelineEvent
 from otaflow.settings import Settings
@@ -138,9 +138,12 @@ class StageStep:
 
 @dataclass(frozen=True)
 class TargetPage:
+    """One page of the device table; ``lab_devices`` are its QEMU lab devices."""
+
     rows: list[ReleaseTarget]
     total: int
     query: TargetQuery
+    lab_devices: frozenset[str] = frozenset()
 
     @property
     def pages(self) -> int:
@@ -392,6 +395,12 @@ def _load_devices(
             .limit(TARGET_PAGE_SIZE)
             .offset((query.page - 1) * TARGET_PAGE_SIZE)
         ).all()
+        lab_devices = session.exec(
+            select(Device.device_id).where(
+                col(Device.device_id).in_([row.device_id for row in rows]),
+                col(Device.lab),
+            )
+        ).all()
 
     tallies: dict[int, DeviceTally] = {}
     for wave_index, rank, count in grouped:
@@ -402,7 +411,8 @@ def _load_devices(
         reasons.setdefault(wave_index, []).append((reason or "unknown", count))
     for entries in reasons.values():
         entries.sort(key=lambda entry: (-entry[1], entry[0]))
-    return tallies, reasons, TargetPage(list(rows), total, query)
+    page = TargetPage(list(rows), total, query, frozenset(lab_devices))
+    return tallies, reasons, page
 
 
 def wave_names(engine: Engine, release_ids: list[str]) -> dict[tuple[str, int], str]:
