@@ -10,20 +10,15 @@ import getpass
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from otaflow.db import make_engine
+from otaflow.cli.database import open_database
 from otaflow.errors import InvalidInputError
 from otaflow.models import ApiToken
-from otaflow.settings import Settings, load_settings
+from otaflow.settings import load_settings
 from otaflow.tokens import create_api_token, parse_scopes, revoke_api_token
 
 logger = logging.getLogger(__name__)
@@ -31,26 +26,6 @@ logger = logging.getLogger(__name__)
 app = typer.Typer(
     no_args_is_help=True, help="Create, list and revoke API tokens for CI."
 )
-
-
-@contextmanager
-def _database(settings: Settings) -> Iterator[Engine]:
-    """Create an engine for the settings' database, exiting 1 on a database error."""
-    url = settings.resolved_database_url
-    engine = make_engine(url)
-    try:
-        yield engine
-    except SQLAlchemyError as error:
-        shown = make_url(url).render_as_string(hide_password=True)
-        typer.echo(
-            f"error: the database at {shown} failed ({type(error).__name__}:"
-            f" {error.args[0] if error.args else error}); check"
-            " OTAFLOW_DATABASE_URL, or create the tables with 'otaflow dev up'",
-            err=True,
-        )
-        raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
 
 
 def _invalid(error: InvalidInputError) -> typer.Exit:
@@ -78,7 +53,7 @@ def create(
     settings = load_settings()
     try:
         scopes = parse_scopes(scope)
-        with _database(settings) as engine:
+        with open_database(settings) as engine:
             token = create_api_token(engine, name, scopes, _administrator())
     except InvalidInputError as error:
         raise _invalid(error) from None
@@ -100,7 +75,7 @@ def list_tokens(
     ] = False,
 ) -> None:
     """List tokens (never their secrets), oldest first."""
-    with _database(load_settings()) as engine, Session(engine) as session:
+    with open_database(load_settings()) as engine, Session(engine) as session:
         rows = session.exec(select(ApiToken).order_by(col(ApiToken.id))).all()
     if json_output:
         typer.echo(
@@ -125,7 +100,7 @@ def revoke(
 ) -> None:
     """Revoke a token; requests with it are refused from now on."""
     try:
-        with _database(load_settings()) as engine:
+        with open_database(load_settings()) as engine:
             row = revoke_api_token(engine, token_id, _administrator())
     except InvalidInputError as error:
         raise _invalid(error) from None

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from otaflow.cli.tokens import _database
+from otaflow.cli.database import open_database
 from otaflow.errors import ConflictError, InvalidInputError
 from otaflow.settings import load_settings
 from otaflow.users import Role, check_password, create_user, list_users, parse_role
@@ -57,7 +57,7 @@ def add(
     try:
         parsed_role = parse_role(role)
         password = check_password(_read_password(password_stdin))
-        with _database(load_settings()) as engine:
+        with open_database(load_settings()) as engine:
             user = create_user(engine, name, parsed_role, password, _administrator())
     except InvalidInputError as error:
         typer.echo(f"error: {error.field}: {error.message}", err=True)
@@ -75,7 +75,7 @@ def list_command(
     ] = False,
 ) -> None:
     """List portal users (never their password hashes) by name."""
-    with _database(load_settings()) as engine:
+    with open_database(load_settings()) as engine:
         users = list_users(engine)
     if json_output:
         rows = [
