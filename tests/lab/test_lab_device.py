@@ -15,6 +15,7 @@ import pytest
 from device_sim.boards import board_for
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.lab import QemuBootloader
+from otaflow.errors import InvalidInputError
 from otaflow.protocol import DeviceState, FailureReason
 from tests.device_sim.server_side import ReleaseFactory, ServerLink
 from tests.lab.lab_support import (
@@ -259,3 +260,44 @@ async def test_lab_device_rollback_boots_previous_slot(
     assert health.lab is True
     assert health.boot_log is not None
     assert "rollback boot of slot a (1.0.0)" in health.boot_log
+
+
+def test_lab_config_without_qemu_names_package(
+    lab_config: Callable[..., FleetConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    with pytest.raises(InvalidInputError) as raised:
+        lab_config()
+
+    assert raised.value.field == "lab-devices"
+    assert "qemu-system-aarch64 not found on PATH" in raised.value.message
+    assert "install Debian's qemu-system-arm package" in raised.value.message
+
+
+def test_lab_config_unknown_board_is_rejected(
+    lab_config: Callable[..., FleetConfig],
+) -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        lab_config(hardware="hw-a")
+
+    assert raised.value.field == "hardware"
+    assert "'hw-a' has no QEMU board" in raised.value.message
+
+
+def test_lab_config_more_lab_devices_than_fleet(
+    lab_config: Callable[..., FleetConfig],
+) -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        lab_config(devices=2, lab_devices=3)
+
+    assert raised.value.field == "lab-devices"
+    assert "from 0 to the number of devices (2)" in raised.value.message
+
+
+def test_lab_devices_are_last_ids(lab_config: Callable[..., FleetConfig]) -> None:
+    config = lab_config(devices=5, lab_devices=2)
+
+    assert config.lab_device_ids() == config.device_ids()[3:]
