@@ -20,7 +20,7 @@ from otaflow.db import make_engine
 from otaflow.models import BootLog, Device, DeviceEvent, ReleaseWave
 from otaflow.protocol import DeviceState
 from otaflow.settings import Settings
-from tests.e2e.test_release_e2e import registered_fleet, release, targets
+from tests.e2e.release_support import registered_fleet, release, targets
 from tests.e2e.waiting import wait_for
 from tests.lab.lab_support import (
     BOOT_TIMEOUT_S,
