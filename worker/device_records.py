@@ -18,7 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, Executable, bindparam, delete, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    bindparam,
+    case,
+    delete,
+    select,
+    update,
+)
 
 from otaflow.db import dialect_insert
 from otaflow.models import BootLog, Device, DeviceEvent, ReleaseTarget
@@ -26,6 +35,7 @@ from otaflow.protocol import (
     STATE_RANK,
     Channel,
     DeviceReport,
+    DeviceState,
     HealthReport,
     PresenceReport,
     StatusReport,
@@ -33,6 +43,7 @@ from otaflow.protocol import (
 
 DEVICE = Device.__table__  # type: ignore[attr-defined]
 TARGET = ReleaseTarget.__table__  # type: ignore[attr-defined]
+FAILED = DeviceState.FAILED.value
 EVENT = DeviceEvent.__table__  # type: ignore[attr-defined]
 BOOT_LOG = BootLog.__table__  # type: ignore[attr-defined]
 BOOT_LOGS_KEPT = 10
@@ -48,8 +59,15 @@ _ADVANCE_TARGET = (
         state=bindparam("b_state"),
         state_rank=bindparam("b_rank"),
         last_seq=bindparam("b_seq"),
-        reason=bindparam("b_reason"),
-        detail=bindparam("b_detail"),
+        # A failed device that is then rolled back keeps the reason and detail
+        # of its failure: they explain the release's outcome, the rollback
+        # confirmation does not.
+        reason=case(
+            (TARGET.c.state == FAILED, TARGET.c.reason), else_=bindparam("b_reason")
+        ),
+        detail=case(
+            (TARGET.c.state == FAILED, TARGET.c.detail), else_=bindparam("b_detail")
+        ),
         progress=bindparam("b_progress"),
         updated_at=bindparam("b_at"),
     )

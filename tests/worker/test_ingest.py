@@ -330,3 +330,24 @@ def test_ingest_keeps_last_boot_logs(
     logs = boot_logs(engine, device_id)
     assert [log.seq for log in logs] == list(range(3, 13))
     assert logs[-1].log == "U-Boot boot 12"
+
+
+def test_ingest_rollback_keeps_failure_reason(
+    engine: Engine, ingest_settings: Settings, publisher: Callable[[str, bytes], None]
+) -> None:
+    device_id = new_device_id()
+    add_target(engine, device_id)
+    topic = device_topic(device_id, Channel.STATUS)
+    failed = status(
+        device_id, 1, DeviceState.FAILED, reason="boot_failed", detail="no banner"
+    )
+    rolled_back = status(device_id, 2, DeviceState.ROLLED_BACK, detail="slot a")
+    with RunningIngest(ingest_settings, engine):
+        publisher(topic, failed)
+        publisher(topic, rolled_back)
+        wait_until(lambda: event_count(engine, device_id) == 2)
+    row = target(engine, device_id)
+    assert row is not None
+    assert row.state == DeviceState.ROLLED_BACK.value
+    assert row.reason == "boot_failed"
+    assert row.detail == "no banner"
