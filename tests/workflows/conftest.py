@@ -25,6 +25,13 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter, test_server_existing_path=server
     )
+    await register_search_attributes(env)
+    yield env
+    await env.shutdown()
+
+
+async def register_search_attributes(env: WorkflowEnvironment) -> None:
+    """Register the workflow's search attributes, as ``otaflow dev up`` does."""
     await env.client.operator_service.add_search_attributes(
         AddSearchAttributesRequest(
             namespace=env.client.namespace,
@@ -34,5 +41,3 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
             },
         )
     )
-    yield env
-    await env.shutdown()
