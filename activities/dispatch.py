@@ -9,6 +9,7 @@ may safely send a command twice.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -24,17 +25,19 @@ from activities.target_queries import (
     pending_device_ids,
     rollback_device_ids,
 )
+from otaflow.keystore import KeyStore
 from otaflow.models import utc_now
 from otaflow.mqtt import command_client
 from otaflow.protocol import (
     CancelCommand,
     Channel,
     InstallCommand,
+    KeySetBundle,
     RollbackCommand,
     device_topic,
     encode,
 )
-from otaflow.settings import Settings
+from otaflow.settings import SEVEN_DAYS_S, Settings
 from otaflow.storage import FirmwareStore
 from workflows.messages import (
     CancelInput,
@@ -44,6 +47,16 @@ from workflows.messages import (
 )
 
 BATCH = 500
+
+
+def url_expiry_s(presign_expiry_s: int, device_deadline_s: float) -> int:
+    """Lifetime of a wave's presigned URL, in seconds.
+
+    The URL lives at least until the device deadline, so a device that
+    starts its download late within the deadline is not refused by S3, and
+    never beyond the 7 days that S3 signatures (SigV4) allow.
+    """
+    return min(max(presign_expiry_s, math.ceil(device_deadline_s)), SEVEN_DAYS_S)
 
 
 class RatePacer:
@@ -74,8 +87,9 @@ class DispatchActivities:
         url = await asyncio.to_thread(
             self._store.presigned_download_url,
             request.image_key,
-            self._settings.presign_expiry_s,
+            url_expiry_s(self._settings.presign_expiry_s, request.device_deadline_s),
         )
+        key_set = await asyncio.to_thread(self._published_key_set)
         sent = 0
         async with command_client(self._settings, "dispatch") as client:
             pacer = RatePacer(rate)
@@ -96,6 +110,7 @@ class DispatchActivities:
                     url=url,
                     deadline=now + timedelta(seconds=request.device_deadline_s),
                     issued_at=now,
+                    key_set=key_set,
                 )
                 await _publish_all(client, device_ids, install, pacer)
                 await asyncio.to_thread(
@@ -110,6 +125,17 @@ class DispatchActivities:
             sent,
         )
         return DispatchResult(dispatched=sent)
+
+    def _published_key_set(self) -> KeySetBundle | None:
+        """Read the key set bundle now, so a rotation reaches the next wave."""
+        key_store = KeyStore.from_settings(self._settings)
+        if not key_store.exists():
+            activity.logger.warning(
+                "no key set published at %s; install commands go out without one",
+                key_store.key_set_file,
+            )
+            return None
+        return key_store.load_bundle()
 
     @activity.defn(name="dispatch_rollback")
     async def dispatch_rollback(self, request: RollbackInput) -> DispatchResult:

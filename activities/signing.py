@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from otaflow.errors import OtaflowError
+from otaflow.keystore import KeyStore
 from otaflow.manifest import (
     FileSigningKey,
     Manifest,
@@ -18,19 +22,95 @@ from otaflow.settings import Settings
 from workflows.messages import SignManifestInput
 
 
-def load_signer(settings: Settings) -> ManifestSigner:
-    """The release signer configured for this worker.
+class SigningKeyNotTrustedError(OtaflowError):
+    """The signing key is missing from, or not valid in, the published key set."""
 
-    The key file is read once when the worker starts; a KMS or HSM backed
-    signer would implement ``ManifestSigner`` and be returned here instead.
+
+def load_signer(settings: Settings) -> ManifestSigner:
+    """Return the release signer configured for this worker.
+
+    ``OTAFLOW_SIGNING_KEY`` (PEM text) wins over the key file. Either way the
+    signer refuses to sign with a key that the published key set does not
+    list as currently valid, because devices would reject what it signs. A
+    KMS or HSM backed signer would implement ``ManifestSigner`` and be
+    returned here instead.
     """
+    pem = settings.signing_key.get_secret_value()
+    if pem:
+        key = FileSigningKey.from_pem(pem.encode(), source="OTAFLOW_SIGNING_KEY")
+        return PublishedKeySigner(lambda: key, KeyStore.from_settings(settings))
     path = settings.resolved_signing_key_file
     if not path.exists():
         raise FileNotFoundError(
             f"release-signing key {path} not found; run 'otaflow dev up' to create a"
             " local one or set OTAFLOW_SIGNING_KEY_FILE"
         )
-    return FileSigningKey.load(path)
+    return PublishedKeySigner(KeyFile(path).current, KeyStore.from_settings(settings))
+
+
+class KeyFile:
+    """A key file read again when it changes, so a rotation needs no restart."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._key: FileSigningKey | None = None
+
+    def current(self) -> FileSigningKey:
+        status = self._path.stat()
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
+        if self._key is None or stamp != self._stamp:
+            self._key = FileSigningKey.load(self._path)
+            self._stamp = stamp
+        return self._key
+
+
+class PublishedKeySigner:
+    """Signs with the current key, after checking it in the published key set.
+
+    Reading ``key_id`` picks the key that the next ``sign`` uses, so a key
+    file replaced between the two calls cannot mix two keys.
+    """
+
+    def __init__(
+        self, current_key: Callable[[], FileSigningKey], key_store: KeyStore
+    ) -> None:
+        self._current_key = current_key
+        self._key_store = key_store
+        self._pinned: FileSigningKey | None = None
+
+    @property
+    def key_id(self) -> str:
+        self._pinned = self._current_key()
+        return self._pinned.key_id
+
+    def sign(self, data: bytes) -> bytes:
+        key = self._pinned or self._current_key()
+        self._check_published(key.key_id)
+        return key.sign(data)
+
+    def __repr__(self) -> str:
+        return f"PublishedKeySigner(key_id={self._current_key().key_id!r})"
+
+    def _check_published(self, key_id: str) -> None:
+        key_set = self._key_store.current_key_set()
+        trusted = key_set.key(key_id)
+        now = datetime.now(UTC)
+        if trusted is None:
+            problem = "is not in"
+        elif trusted.revoked:
+            problem = "is revoked in"
+        elif trusted.not_before is not None and now < trusted.not_before:
+            problem = "is not yet valid in"
+        elif trusted.not_after is not None and now >= trusted.not_after:
+            problem = "has expired in"
+        else:
+            return
+        raise SigningKeyNotTrustedError(
+            f"signing key {key_id} {problem} the published key set version"
+            f" {key_set.version}; devices would reject the manifest. Rotate to a"
+            " valid key with 'otaflow keys rotate-release'"
+        )
 
 
 class SigningActivities:
@@ -61,7 +141,12 @@ class SigningActivities:
             raise ApplicationError(
                 f"manifest: {error}", type="InvalidManifest", non_retryable=True
             ) from None
-        signed = sign_manifest(manifest, self._signer)
+        try:
+            signed = sign_manifest(manifest, self._signer)
+        except OtaflowError as error:
+            raise ApplicationError(
+                str(error), type="SigningKeyNotTrusted", non_retryable=True
+            ) from None
         activity.logger.info(
             "release %s: manifest signed with key %s", request.release_id, signed.key_id
         )

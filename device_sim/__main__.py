@@ -29,9 +29,10 @@ from pydantic import ValidationError
 
 from device_sim.boards import board_for, require_emulator
 from device_sim.fleet import Fleet, FleetConfig
+from device_sim.identity import EnrollmentError, HttpEnroller, KeyType, load_tokens
 from device_sim.profiles import Profile, ProfileCount
 from otaflow.errors import InvalidInputError
-from otaflow.manifest import TrustStore
+from otaflow.trust import DeviceTrust, KeySetRejectedError
 from otaflow.uboot import FirmwareImageError, uboot_image
 
 logger = logging.getLogger("device_sim")
@@ -101,7 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(parser)
     _add_lab_options(parser)
     _add_runtime_options(parser)
+    _add_identity_options(parser)
     return parser
+
+
+def _add_identity_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--enrollment-tokens",
+        type=Path,
+        metavar="FILE",
+        help=(
+            "file of one-time enrollment tokens, one per line, for devices that"
+            " have no certificate in STATE_DIR/identity yet"
+        ),
+    )
+    add(
+        "--api-url",
+        default="http://127.0.0.1:8000",
+        help="base URL of the otaflow API that enrolls devices",
+    )
+    add(
+        "--key-type",
+        choices=[item.value for item in KeyType],
+        default=KeyType.P256.value,
+        help="algorithm of the keys new devices create (default p256)",
+    )
+    add(
+        "--plain-mqtt",
+        action="store_true",
+        help="connect without TLS, to a plain development listener only",
+    )
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -183,10 +214,13 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     add("--mqtt-host", default="127.0.0.1", help="MQTT broker host")
     add("--mqtt-port", type=_port, default=DEFAULT_MQTT_PORT, help="MQTT broker port")
     add(
-        "--trusted-keys",
+        "--trust-anchor",
         type=Path,
-        default=Path(".otaflow/keys/trusted-keys.json"),
-        help="JSON trust store of the release-signing public keys devices accept",
+        default=Path(".otaflow/keys/root.json"),
+        help=(
+            "signed root key set that new devices ship with; devices learn the"
+            " release keys from the key set that install commands carry"
+        ),
     )
     add(
         "--step-delay-s",
@@ -209,21 +243,24 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def load_trust(parser: argparse.ArgumentParser, path: Path) -> TrustStore:
+def load_trust(parser: argparse.ArgumentParser, path: Path) -> DeviceTrust:
+    """Read the root key set devices ship with and check its own signatures."""
     try:
-        return TrustStore.load(path)
+        return DeviceTrust.from_anchor_file(path)
     except FileNotFoundError:
         parser.error(
-            f"argument --trusted-keys: file {str(path)!r} not found; run"
-            " 'otaflow dev up' to create it, or pass the path of a trust store"
+            f"argument --trust-anchor: file {str(path)!r} not found; run"
+            " 'otaflow dev up' to create it, or pass the path of a root key set"
         )
     except ValidationError as error:
         first = error.errors()[0]
         location = ".".join(map(str, first["loc"])) or "top level"
         parser.error(
-            f"argument --trusted-keys: {str(path)!r} is not a valid trust store:"
+            f"argument --trust-anchor: {str(path)!r} is not a signed root key set:"
             f" {first['msg']} at {location}"
         )
+    except KeySetRejectedError as error:
+        parser.error(f"argument --trust-anchor: {str(path)!r}: {error.detail}")
 
 
 def lab_factory_image(args: argparse.Namespace) -> Path | None:
@@ -241,7 +278,7 @@ def lab_factory_image(args: argparse.Namespace) -> Path | None:
     return uboot_image(args.image_cache.absolute(), args.hardware)
 
 
-def build_config(args: argparse.Namespace, trust: TrustStore) -> FleetConfig:
+def build_config(args: argparse.Namespace, trust: DeviceTrust) -> FleetConfig:
     return FleetConfig(
         product=args.product,
         hardware=args.hardware,
@@ -262,7 +299,22 @@ def build_config(args: argparse.Namespace, trust: TrustStore) -> FleetConfig:
         lab_devices=args.lab_devices,
         lab_factory_image=lab_factory_image(args),
         lab_boot_timeout_s=args.lab_boot_timeout_s,
+        mqtt_tls=not args.plain_mqtt,
+        enroller=_enroller(args),
+        key_type=KeyType(args.key_type),
     )
+
+
+def _enroller(args: argparse.Namespace) -> HttpEnroller | None:
+    if args.enrollment_tokens is None:
+        return None
+    try:
+        tokens = load_tokens(args.enrollment_tokens)
+    except OSError as error:
+        raise InvalidInputError(
+            "enrollment-tokens", str(args.enrollment_tokens), str(error)
+        ) from None
+    return HttpEnroller(args.api_url, tokens)
 
 
 async def run_fleet(config: FleetConfig) -> None:
@@ -284,6 +336,8 @@ async def run_fleet(config: FleetConfig) -> None:
     finally:
         ready_file.unlink(missing_ok=True)
         await fleet.stop()
+        if isinstance(config.enroller, HttpEnroller):
+            await config.enroller.aclose()
 
 
 async def _wait_connected_or_warn(fleet: Fleet) -> None:
@@ -321,14 +375,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    trust = load_trust(parser, args.trusted_keys)
+    trust = load_trust(parser, args.trust_anchor)
     try:
         config = build_config(args, trust)
     except InvalidInputError as error:
         parser.error(f"argument --{error.field}: {error.message}")
     except FirmwareImageError as error:
         parser.error(f"argument --lab-devices: {error}")
-    asyncio.run(run_fleet(config))
+    try:
+        asyncio.run(run_fleet(config))
+    except EnrollmentError as error:
+        logger.error("the fleet cannot start: %s", error)
+        return 1
     return 0
 
 

@@ -38,7 +38,7 @@ from device_sim.profiles import Behaviour
 from device_sim.reports import ConsoleCapture, Reporter
 from device_sim.slots import DeviceRecord, ReleaseRecord, Slot, SlotName
 from otaflow.errors import ManifestRejectedError
-from otaflow.manifest import Manifest, SignedManifest, TrustStore, verify_manifest
+from otaflow.manifest import Manifest, SignedManifest, verify_manifest
 from otaflow.protocol import (
     STATE_RANK,
     CancelCommand,
@@ -47,6 +47,13 @@ from otaflow.protocol import (
     InstallCommand,
     RollbackCommand,
     decode_command,
+)
+from otaflow.trust import (
+    DeviceTrust,
+    KeySetRejectedError,
+    trust_store_of,
+    trusted_now,
+    update_trust,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,7 +94,7 @@ class DeviceAgent:
         reporter: Reporter,
         *,
         behaviour: Behaviour,
-        trust: TrustStore,
+        trust: DeviceTrust,
         blobs: BlobStore,
         downloader: ImageDownloader,
         download_slots: asyncio.Semaphore,
@@ -96,7 +103,8 @@ class DeviceAgent:
         self.record = record
         self.reporter = reporter
         self.behaviour = behaviour
-        self._trust = trust
+        if record.trust is None:
+            record.trust = trust
         self._blobs = blobs
         self._downloader = downloader
         self._download_slots = download_slots
@@ -217,22 +225,35 @@ class DeviceAgent:
         await self._boot_trial(release_id)
 
     def _check_command(self, command: InstallCommand) -> Manifest:
-        """Run the manifest and deadline checks; raise on the first that fails."""
+        """Run the manifest and deadline checks; raise on the first that fails.
+
+        The command's key set is applied first, so a rotated or revoked
+        release key is known before the signature is checked.
+        """
         signed = SignedManifest(
             manifest_json=command.manifest,
             signature=command.signature,
             key_id=command.key_id,
         )
-        now = datetime.now(UTC)
-        manifest = verify_manifest(
-            signed,
-            self._trust,
-            now=now,
-            product=self.record.product,
-            hardware=self.record.hardware,
-            group=self.record.group,
-            highest_security_version=self.record.highest_security_version,
-        )
+        key_set_problem = self._accept_key_set(command)
+        trust = self._trust
+        now = trusted_now(trust, datetime.now(UTC))
+        try:
+            manifest = verify_manifest(
+                signed,
+                trust_store_of(trust),
+                now=now,
+                product=self.record.product,
+                hardware=self.record.hardware,
+                group=self.record.group,
+                highest_security_version=self.record.highest_security_version,
+            )
+        except ManifestRejectedError as error:
+            if key_set_problem is None:
+                raise
+            raise ManifestRejectedError(
+                error.reason, f"{error.detail}; {key_set_problem}"
+            ) from None
         if manifest.release_id != command.release_id:
             raise ManifestRejectedError(
                 FailureReason.INVALID_COMMAND.value,
@@ -246,6 +267,40 @@ class DeviceAgent:
                 " download started",
             )
         return manifest
+
+    @property
+    def _trust(self) -> DeviceTrust:
+        trust = self.record.trust
+        assert trust is not None, "the constructor sets the factory trust"
+        return trust
+
+    def _accept_key_set(self, command: InstallCommand) -> str | None:
+        """Store the command's key set if it is newer and valid; return why not.
+
+        A rejected key set leaves the stored trust as it was. The record is
+        written with the next report, in one atomic replace of the file.
+        """
+        if command.key_set is None:
+            return None
+        stored = self._trust
+        try:
+            updated = update_trust(stored, command.key_set)
+        except KeySetRejectedError as error:
+            logger.warning(
+                "device %s: key set sent with release %s rejected: %s",
+                self.device_id,
+                command.release_id,
+                error.detail,
+            )
+            return f"the key set sent with the command was rejected: {error.detail}"
+        if updated is not stored:
+            self.record.trust = updated
+            logger.info(
+                "device %s: accepted the key set sent with release %s",
+                self.device_id,
+                command.release_id,
+            )
+        return None
 
     async def _fetch_image(self, command: InstallCommand, manifest: Manifest) -> None:
         """Download and check the image until the fleet's blob store contains it."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,13 @@ from device_sim.agent import DeviceAgent
 from device_sim.blobs import BlobStore
 from device_sim.device import VirtualDevice
 from device_sim.download import ImageDownloader
+from device_sim.identity import (
+    DeviceIdentity,
+    Enroller,
+    IdentityStore,
+    KeyType,
+    ensure_identity,
+)
 from device_sim.lab import LabBench, check_lab_setup
 from device_sim.profiles import (
     Profile,
@@ -49,11 +57,14 @@ from device_sim.session import Backoff, BrokerAddress, ConnectionStats, DeviceSe
 from device_sim.slots import DeviceRecord, StateFile
 from otaflow.errors import InvalidInputError
 from otaflow.identifiers import check_device_id, check_name, check_version
-from otaflow.manifest import TrustStore
+from otaflow.trust import DeviceTrust
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_LOG_INTERVAL_S = 5.0
+# Enrollment requests in flight at once, so a large fleet does not open
+# thousands of connections to the API at the same moment.
+ENROLL_CONCURRENCY = 32
 # wait_until re-evaluates its predicate after a device reports, but not more
 # often than WAIT_MIN_S, because with thousands of devices every report would
 # otherwise evaluate it again. It also re-evaluates every WAIT_MAX_S, for
@@ -65,6 +76,17 @@ WAIT_MAX_S = 0.5
 @dataclass(frozen=True)
 class FleetConfig:
     """Settings of a simulated fleet, validated when the config is built.
+
+    ``trust`` is what a new device ships with: the root key set, and
+    optionally a key set. Devices store the newer key sets that install
+    commands bring.
+
+    With ``mqtt_tls`` (the default) every device connects with its own
+    certificate. When the fleet starts, a device without a certificate in
+    ``identity_dir`` (default ``<state_dir>/identity``) creates a key and
+    enrolls through ``enroller``. A device whose certificate expires within
+    ``renew_within_s`` renews it. ``mqtt_tls=False`` is for a plain
+    development listener only.
 
     ``step_delay_s`` is a healthy device's pause before each install step
     (verify, install, reboot), jittered per device. ``slow`` devices take
@@ -78,7 +100,7 @@ class FleetConfig:
     hardware: str
     version: str
     state_dir: Path
-    trust: TrustStore
+    trust: DeviceTrust
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     devices: int = 1
@@ -99,6 +121,11 @@ class FleetConfig:
     lab_devices: int = 0
     lab_factory_image: Path | None = None
     lab_boot_timeout_s: float | None = None
+    mqtt_tls: bool = True
+    enroller: Enroller | None = None
+    identity_dir: Path | None = None
+    key_type: KeyType = KeyType.P256
+    renew_within_s: float = 30 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         for name in ("product", "hardware", "group"):
@@ -134,8 +161,7 @@ class FleetConfig:
             check_lab_setup(self.hardware, self.lab_factory_image)
 
     def device_ids(self) -> list[str]:
-        width = max(4, len(str(self.devices - 1)))
-        return [f"{self.id_prefix}-{index:0{width}d}" for index in range(self.devices)]
+        return fleet_device_ids(self.id_prefix, self.devices)
 
     def lab_device_ids(self) -> list[str]:
         """Return the ids of the lab devices: the last ``lab_devices`` ids."""
@@ -153,6 +179,7 @@ class Fleet:
         self._blobs = BlobStore(config.state_dir / "blobs")
         self._http: httpx.AsyncClient | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._identities: dict[str, DeviceIdentity] = {}
         self._lab: LabBench | None = None
         if config.lab_devices:
             assert config.lab_factory_image is not None
@@ -209,6 +236,7 @@ class Fleet:
         )
         downloader = ImageDownloader(self._http, stall_timeout_s=config.stall_timeout_s)
         download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
+        self._identities = await self._ensure_identities()
         profiles = assign_profiles(config.devices, config.profiles)
         lab_ids = set(config.lab_device_ids())
         for device_id, profile in zip(config.device_ids(), profiles, strict=True):
@@ -335,11 +363,44 @@ class Fleet:
                 stats=self.stats,
                 rng=rng,
                 backoff=config.backoff,
+                tls_context=self._tls_context(device_id),
             )
 
         device = VirtualDevice(agent, session)
         state_file.save(record)
         return device
+
+    async def _ensure_identities(self) -> dict[str, DeviceIdentity]:
+        """Enroll devices that have no certificate, renew those about to expire."""
+        config = self.config
+        if not config.mqtt_tls:
+            return {}
+        store = IdentityStore(config.identity_dir or config.state_dir / "identity")
+        limit = asyncio.Semaphore(ENROLL_CONCURRENCY)
+
+        async def ensure(device_id: str) -> DeviceIdentity:
+            async with limit:
+                return await ensure_identity(
+                    store,
+                    device_id,
+                    config.enroller,
+                    key_type=config.key_type,
+                    renew_within_s=config.renew_within_s,
+                )
+
+        started = time.monotonic()
+        device_ids = config.device_ids()
+        identities = await asyncio.gather(*(ensure(each) for each in device_ids))
+        logger.info(
+            "fleet identities ready: %d devices in %.2f s",
+            len(identities),
+            time.monotonic() - started,
+        )
+        return dict(zip(device_ids, identities, strict=True))
+
+    def _tls_context(self, device_id: str) -> ssl.SSLContext | None:
+        identity = self._identities.get(device_id)
+        return identity.tls_context() if identity is not None else None
 
     def _factory_record(self, device_id: str) -> DeviceRecord:
         config = self.config
@@ -350,6 +411,7 @@ class Fleet:
             group=config.group,
             version=config.version,
             security_version=config.security_version,
+            trust=config.trust,
         )
 
     async def _connect_in_batches(self) -> None:
@@ -384,6 +446,12 @@ class Fleet:
                     current[1],
                 )
                 last = current
+
+
+def fleet_device_ids(id_prefix: str, devices: int) -> list[str]:
+    """Return the ids of a fleet's devices: ``PREFIX-0000`` upwards."""
+    width = max(4, len(str(devices - 1)))
+    return [f"{id_prefix}-{index:0{width}d}" for index in range(devices)]
 
 
 def _check(option: str, value: str, check: Callable[[str], str]) -> None:

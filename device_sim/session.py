@@ -2,7 +2,9 @@
 
 The session is persistent (MQTT 3.1.1 ``clean_session=False``, client id =
 device id), so QoS 1 commands the server sends while the device is offline
-are queued by the broker and delivered when it reconnects. The broker
+are queued by the broker and delivered when it reconnects. The connection
+is TLS with the device's certificate (mTLS) unless the fleet was configured
+for a plain development listener. The broker
 publishes the retained last will ``offline`` on the presence topic when the
 connection drops without a DISCONNECT. A clean disconnect sends no last will,
 so ``close`` publishes ``offline`` itself first.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -83,9 +86,11 @@ class DeviceSession:
         stats: ConnectionStats,
         rng: random.Random,
         backoff: Backoff,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.device_id = device_id
         self._broker = broker
+        self._tls_context = tls_context
         self._on_command = on_command
         self._on_connected = on_connected
         self._stats = stats
@@ -159,6 +164,7 @@ class DeviceSession:
             identifier=self.device_id,
             clean_session=False,
             keepalive=self._broker.keepalive_s,
+            tls_context=self._tls_context,
             will=aiomqtt.Will(self._presence_topic, _OFFLINE, qos=1, retain=True),
         )
         async with client:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from otaflow.errors import InvalidInputError
 from otaflow.protocol import FINISHED_STATES, DeviceState, FailureReason
+from otaflow.trust import DeviceTrust
 
 SlotName = Literal["a", "b"]
 BootResult = Literal["ok", "failed", "rolled_back"]
@@ -79,7 +80,10 @@ class DeviceRecord(BaseModel):
     ``next_seq`` is the sequence number of the next status or health message.
     It is stored before the message is sent, so a restart never reuses one.
     ``highest_security_version`` is the anti-rollback floor. It rises when an
-    image is confirmed and never falls, not even on a rollback.
+    image is confirmed and never falls, not even on a rollback. ``trust`` is
+    the root key set and newest key set the device accepted. It is None only
+    in state files written before devices stored it, and then the agent sets
+    the factory trust.
     """
 
     format: int = STATE_FORMAT
@@ -97,6 +101,7 @@ class DeviceRecord(BaseModel):
     next_seq: int = 0
     releases: dict[str, ReleaseRecord] = Field(default_factory=dict)
     trial: TrialBoot | None = None
+    trust: DeviceTrust | None = None
 
     @classmethod
     def factory(
@@ -108,6 +113,7 @@ class DeviceRecord(BaseModel):
         group: str,
         version: str,
         security_version: int,
+        trust: DeviceTrust | None = None,
     ) -> DeviceRecord:
         """State of a device fresh from the factory: ``version`` in slot a."""
         return cls(
@@ -117,6 +123,7 @@ class DeviceRecord(BaseModel):
             group=group,
             slots={"a": Slot(version=version, security_version=security_version)},
             highest_security_version=security_version,
+            trust=trust,
         )
 
     @property

@@ -15,7 +15,8 @@ Ports, by setting:
   ``seaweedfs_volume_port`` and ``seaweedfs_filer_port``, and each of these
   plus 10,000 for gRPC. It also creates Unix sockets named by port, such as
   ``/tmp/seaweedfs-s3-8333.sock``.
-- ``mosquitto``: ``mqtt_port``.
+- ``mosquitto``: ``mqtt_port`` (devices, mTLS), ``mqtt_service_port``
+  (ingest and dispatcher, mTLS) and ``mqtt_plain_port`` when set.
 - ``web``: ``web_port``. ``worker`` and ``ingest`` listen on no port.
 """
 
@@ -33,6 +34,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import string
 import subprocess
 import sys
@@ -63,8 +65,10 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from otaflow.db import make_engine, upgrade_database
+from otaflow.enrollment import write_crl
 from otaflow.errors import StackError, StorageError
-from otaflow.manifest import FileSigningKey, TrustedKey, TrustStore
+from otaflow.keystore import KeyStore
+from otaflow.pki import PROBE_IDENTITY, ProjectPki
 from otaflow.settings import Settings
 from otaflow.storage import FirmwareStore
 from otaflow.temporal import SEARCH_ATTRIBUTES
@@ -96,6 +100,10 @@ S3_IDENTITY_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO_TEMPLATE = REPOSITORY_ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
+MOSQUITTO_ACLS = (
+    REPOSITORY_ROOT / "deploy" / "mosquitto" / "device.acl",
+    REPOSITORY_ROOT / "deploy" / "mosquitto" / "service.acl",
+)
 
 SETUP_HINT = "install the Python dependencies with 'make setup'"
 MOSQUITTO_HINT = (
@@ -385,23 +393,44 @@ class MosquittoService(Service):
         return self.settings.state_dir / "mosquitto" / "mosquitto.conf"
 
     def port_bindings(self) -> tuple[PortBinding, ...]:
-        return (PortBinding("mqtt_port", self.settings.mqtt_port),)
+        ports = [
+            PortBinding("mqtt_port", self.settings.mqtt_port),
+            PortBinding("mqtt_service_port", self.settings.mqtt_service_port),
+        ]
+        if self.settings.mqtt_plain_port:
+            ports.append(PortBinding("mqtt_plain_port", self.settings.mqtt_plain_port))
+        return tuple(ports)
 
     def prepare(self) -> None:
-        if not MOSQUITTO_TEMPLATE.is_file():
-            raise StackError(
-                f"the Mosquitto configuration template {MOSQUITTO_TEMPLATE} is"
-                " missing; run 'otaflow dev' from a checkout of the repository"
-            )
+        for source in (MOSQUITTO_TEMPLATE, *MOSQUITTO_ACLS):
+            if not source.is_file():
+                raise StackError(
+                    f"the Mosquitto configuration file {source} is missing; run"
+                    " 'otaflow dev' from a checkout of the repository"
+                )
+        directory = self.config_file.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        for source in MOSQUITTO_ACLS:
+            (directory / source.name).write_text(source.read_text())
+        pki = ProjectPki(self.settings.resolved_pki_dir)
+        pki.ensure(broker_names(self.settings))
         template = string.Template(MOSQUITTO_TEMPLATE.read_text())
         config = template.substitute(
             bind_host=self.settings.bind_host,
             mqtt_port=self.settings.mqtt_port,
+            mqtt_service_port=self.settings.mqtt_service_port,
+            device_ca_file=pki.device_ca_file,
+            service_ca_file=pki.service_ca_file,
+            broker_cert_file=pki.broker_cert_file,
+            broker_key_file=pki.broker_key_file,
+            crl_file=pki.crl_file,
+            device_acl_file=directory / "device.acl",
+            service_acl_file=directory / "service.acl",
+            plain_listener=_plain_listener(self.settings),
             user=getpass.getuser(),
-            persistence_dir=self.config_file.parent,
+            persistence_dir=directory,
             log_file=self.settings.log_dir / "mosquitto.log",
         )
-        self.config_file.parent.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(config)
 
     def command(self) -> list[str]:
@@ -425,13 +454,40 @@ class MosquittoService(Service):
         )
 
     def check_health(self) -> None:
-        check_mqtt_round_trip(self.settings.mqtt_host, self.settings.mqtt_port)
+        probe = ProjectPki(self.settings.resolved_pki_dir).service_identity(
+            PROBE_IDENTITY
+        )
+        check_mqtt_round_trip(
+            self.settings.mqtt_host,
+            self.settings.mqtt_service_port,
+            probe.client_context(),
+        )
 
     def owns_process(self, argv: list[str]) -> bool:
         return _program_name(argv) == "mosquitto"
 
     def url(self) -> str:
-        return f"mqtt://{self.settings.mqtt_host}:{self.settings.mqtt_port}"
+        return f"mqtts://{self.settings.mqtt_host}:{self.settings.mqtt_port}"
+
+
+def broker_names(settings: Settings) -> list[str]:
+    """Host names and addresses that the broker's certificate must name."""
+    names = [settings.mqtt_host]
+    if settings.bind_host not in ("0.0.0.0", "::", ""):
+        names.append(settings.bind_host)
+    return names
+
+
+def _plain_listener(settings: Settings) -> str:
+    if not settings.mqtt_plain_port:
+        return ""
+    return (
+        "\n# Plain TCP for development only (OTAFLOW_MQTT_PLAIN_PORT): no TLS, no"
+        "\n# authentication and no ACL, so any client may read and write every"
+        " topic.\n"
+        f"listener {settings.mqtt_plain_port} {settings.bind_host}\n"
+        "allow_anonymous true\n"
+    )
 
 
 class PythonModuleService(Service):
@@ -532,8 +588,9 @@ class LocalStack:
         """Start ``services`` (default: all) in order, each once it is needed.
 
         Also creates what the services share when it is missing: the S3
-        credentials, the release-signing key and trust store, the database
-        schema and the CLI's API token.
+        credentials, the root of trust and release-signing key, the database
+        schema, the CAs with the broker and service certificates, and the
+        CLI's API token. The CRL is written afresh every time.
         """
         names = select_services(services)
         self._make_directories()
@@ -589,7 +646,22 @@ class LocalStack:
         self.settings = _ensure_s3_credentials(self.settings)
         _ensure_signing_keys(self.settings)
         _migrate_database(self.settings.resolved_database_url)
+        _ensure_pki(self.settings)
         _ensure_cli_token(self.settings)
+
+    def reload_broker(self) -> bool:
+        """Make a running broker read its certificates and CRL again (SIGHUP).
+
+        Returns False when the stack's broker is not running. Mosquitto 2.0
+        applies a new CRL to connections opened afterwards only.
+        """
+        service = self._service(MosquittoService.name)
+        pid = read_pid(self._pid_file(service.name))
+        if pid is None or not _is_service_process(service, pid):
+            return False
+        os.kill(pid, signal.SIGHUP)
+        logger.info("sent SIGHUP to mosquitto (pid %d) to reload its CRL", pid)
+        return True
 
     def _start(self, service: Service) -> None:
         pid_file = self._pid_file(service.name)
@@ -788,7 +860,9 @@ def check_ports_free(host: str, bindings: Sequence[PortBinding]) -> None:
                 ) from error
 
 
-def check_mqtt_round_trip(host: str, port: int) -> None:
+def check_mqtt_round_trip(
+    host: str, port: int, tls_context: ssl.SSLContext | None = None
+) -> None:
     """Connect, subscribe and receive our own QoS 1 message within a timeout."""
     token = secrets.token_hex(8)
     topic = f"otaflow/health/{token}"
@@ -798,10 +872,13 @@ def check_mqtt_round_trip(host: str, port: int) -> None:
         client_id=f"otaflow-health-{token}",
         clean_session=True,
     )
+    if tls_context is not None:
+        client.tls_set_context(tls_context)
     client.on_message = lambda _client, _userdata, _message: received.set()
     try:
         client.connect(host, port, keepalive=int(PROBE_TIMEOUT_S * 2))
     except OSError as error:
+        # ssl.SSLError is an OSError: a refused certificate lands here too.
         raise HealthCheckError(f"MQTT connect to {host}:{port}: {error}") from error
     client.loop_start()
     try:
@@ -1103,16 +1180,28 @@ def _ensure_s3_credentials(settings: Settings) -> Settings:
 
 
 def _ensure_signing_keys(settings: Settings) -> None:
-    key_file = settings.resolved_signing_key_file
-    if not key_file.exists():
-        FileSigningKey.generate().save(key_file)
-        logger.info("created release-signing key %s", key_file)
-    trust_file = settings.resolved_trusted_keys_file
-    if not trust_file.exists():
-        public_key = FileSigningKey.load(key_file).public_key
-        store = TrustStore().with_key(TrustedKey.from_public_key(public_key))
-        store.save(trust_file)
-        logger.info("created trust store %s", trust_file)
+    """Create a 1-of-1 root, the release-signing key and key set once.
+
+    An existing release-signing key is kept and becomes the key set's first
+    key, so a state dir from before the root of trust keeps its key.
+    """
+    KeyStore.from_settings(settings).ensure_local()
+
+
+def _ensure_pki(settings: Settings) -> None:
+    """Create the CAs and certificates once, and write a fresh CRL every time.
+
+    The CRL comes from the database's revoked certificates, and a new one
+    resets its 30-day nextUpdate, after which OpenSSL would refuse every
+    device.
+    """
+    pki = ProjectPki(settings.resolved_pki_dir)
+    pki.ensure(broker_names(settings))
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        write_crl(engine, pki)
+    finally:
+        engine.dispose()
 
 
 def _migrate_database(url: str) -> None:

@@ -117,22 +117,37 @@ class FileSigningKey:
 
     @classmethod
     def load(cls, path: Path) -> FileSigningKey:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return cls.from_pem(path.read_bytes(), source=str(path))
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, source: str) -> FileSigningKey:
+        """Load a PKCS#8 PEM key; ``source`` names where it came from in errors."""
+        key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+            raise ValueError(
+                f"{source} contains a {type(key).__name__}, not an Ed25519 key"
+            )
         return cls(key)
 
-    def save(self, path: Path) -> None:
-        """Write the key as unencrypted PKCS#8 PEM, readable by the owner only."""
+    def save(self, path: Path, *, replace: bool = False) -> None:
+        """Write the key as unencrypted PKCS#8 PEM, readable by the owner only.
+
+        Without ``replace``, an existing file raises ``FileExistsError``. With
+        it, the file is replaced atomically, so a reader sees the old key or
+        the new one.
+        """
         pem = self._private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:
             file.write(pem)
+        if replace:
+            os.replace(target, path)
 
     @property
     def key_id(self) -> str:
@@ -150,11 +165,18 @@ class FileSigningKey:
 
 
 def sign_manifest(manifest: Manifest, signer: ManifestSigner) -> SignedManifest:
+    """Sign ``manifest`` and return it with the signature and the key id.
+
+    The key id is read before signing, because a signer that picks up a
+    rotated key file loads the new key when its ``key_id`` is read.
+    """
     data = canonical_manifest(manifest)
+    key_id = signer.key_id
+    signature = signer.sign(data)
     return SignedManifest(
         manifest_json=data.decode("utf-8"),
-        signature=base64.b64encode(signer.sign(data)).decode("ascii"),
-        key_id=signer.key_id,
+        signature=base64.b64encode(signature).decode("ascii"),
+        key_id=key_id,
     )
 
 
@@ -223,6 +245,8 @@ def verify_manifest(
 
     Raises ``ManifestRejectedError`` with the typed reason of the first check
     that fails. Nothing here touches the device's slots or stored state.
+    ``now`` is the device's trusted time: expiry and key validity are judged
+    by it, so a device must never pass a clock that went backwards.
     """
     data = signed.manifest_json.encode("utf-8")
     _check_signature(signed, data, trust, now)

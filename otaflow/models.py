@@ -303,3 +303,40 @@ class UsedFormNonce(SQLModel, table=True):
 
     nonce: str = Field(primary_key=True, max_length=64)
     used_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+
+
+class EnrollmentToken(SQLModel, table=True):
+    """A one-time token that lets a device enroll, stored only as its SHA-256.
+
+    ``device_id`` binds the token to one device id; None lets it enroll any
+    id that has no valid certificate yet. ``used_at`` is set in the same
+    conditional UPDATE that claims the token, so it is used at most once.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    device_id: str | None = Field(default=None, max_length=128)
+    created_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    expires_at: datetime = Field(sa_column=_timestamp())
+    used_at: datetime | None = Field(default=None, sa_column=_timestamp(nullable=True))
+    used_by: str | None = Field(default=None, max_length=128)
+
+
+class DeviceCertificate(SQLModel, table=True):
+    """A client certificate the device CA issued; revoked ones go into the CRL.
+
+    ``serial`` is the certificate's serial number in lowercase hex.
+    """
+
+    serial: str = Field(primary_key=True, max_length=40)
+    device_id: str = Field(index=True, max_length=128)
+    fingerprint_sha256: str = Field(max_length=64)
+    not_before: datetime = Field(sa_column=_timestamp())
+    not_after: datetime = Field(sa_column=_timestamp())
+    issued_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
+    issued_for: str = Field(max_length=20, description="enrollment or renewal")
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=_timestamp(nullable=True)
+    )
+    revocation_reason: str | None = Field(default=None, max_length=200)

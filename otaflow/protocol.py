@@ -125,12 +125,52 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+MAX_KEY_SET_DOCUMENT_CHARS = 64 * 1024
+MAX_KEY_SET_SIGNATURES = 64
+MAX_KEY_SET_ROOTS = 256
+
+
+class DocumentSignature(_Message):
+    """One root key's signature over a signed document."""
+
+    key_id: str = Field(min_length=1, max_length=64)
+    signature: str = Field(
+        min_length=1, max_length=128, description="base64 Ed25519 signature"
+    )
+
+
+class SignedDocument(_Message):
+    """Canonical JSON text of a root key set or key set, with its signatures.
+
+    ``signed`` is verified as received, like the manifest text.
+    """
+
+    signed: str = Field(min_length=2, max_length=MAX_KEY_SET_DOCUMENT_CHARS)
+    signatures: tuple[DocumentSignature, ...] = Field(max_length=MAX_KEY_SET_SIGNATURES)
+
+
+class KeySetBundle(_Message):
+    """Every root key set since version 1 and the current release key set.
+
+    A device walks ``roots`` from the root it trusts and accepts ``key_set``
+    only under the newest root it reached (see ``otaflow.trust``).
+    """
+
+    roots: tuple[SignedDocument, ...] = Field(
+        min_length=1, max_length=MAX_KEY_SET_ROOTS
+    )
+    key_set: SignedDocument
+
+
 class InstallCommand(_Message):
     """Install the signed firmware into the inactive slot and boot it.
 
     ``manifest`` is the exact canonical JSON text that ``signature`` signs, so
     the device verifies the bytes it received and never re-serialises them.
     ``url`` is only a transport: authority comes from the signed manifest.
+    ``key_set``, added within v1 and optional, carries the current key set so
+    that a device learns rotated and revoked release keys before it checks
+    the manifest.
     """
 
     type: Literal["install"] = "install"
@@ -142,6 +182,7 @@ class InstallCommand(_Message):
     url: str = Field(min_length=1, max_length=8 * 1024)
     deadline: AwareDatetime
     issued_at: AwareDatetime
+    key_set: KeySetBundle | None = None
 
 
 class RollbackCommand(_Message):

@@ -12,7 +12,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE_NAME = "otaflow.env"
@@ -57,9 +57,41 @@ class Settings(BaseSettings):
     )
 
     mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1884
+    mqtt_port: int = Field(
+        default=1884,
+        description=(
+            "Device listener of the broker: TLS with a device certificate (mTLS)."
+        ),
+    )
+    mqtt_service_port: int = Field(
+        default=1885,
+        description=(
+            "Service listener of the broker, for the ingest and dispatcher: TLS"
+            " with a service certificate."
+        ),
+    )
+    mqtt_plain_port: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Port of an extra plain-TCP listener without authentication, for"
+            " development only; 0 (the default) opens none."
+        ),
+    )
     mqtt_keepalive_s: int = 30
     ingest_client_id: str = "otaflow-ingest"
+
+    pki_dir: Path | None = Field(
+        default=None,
+        description="Directory of the project CAs and certificates; default"
+        " <state_dir>/pki.",
+    )
+    device_cert_validity_days: int = Field(
+        default=90, gt=0, description="Lifetime of an issued device certificate."
+    )
+    enrollment_token_validity_s: int = Field(
+        default=24 * 3600, gt=0, description="Lifetime of an enrollment token."
+    )
 
     s3_host: str = "127.0.0.1"
     s3_port: int = 8333
@@ -97,11 +129,29 @@ class Settings(BaseSettings):
 
     signing_key_file: Path | None = Field(
         default=None,
-        description="PEM file of the Ed25519 release-signing key.",
+        description="PEM file of the active Ed25519 release-signing key.",
     )
-    trusted_keys_file: Path | None = Field(
+    signing_key: SecretStr = Field(
+        default=SecretStr(""),
+        description=(
+            "PEM text of the release-signing key; when set, the worker signs with"
+            " it and ignores signing_key_file."
+        ),
+    )
+    root_keys_dir: Path | None = Field(
         default=None,
-        description="JSON file of the public keys devices trust.",
+        description=(
+            "Directory of the root private keys, read only by 'otaflow keys';"
+            " keep it on offline media in production."
+        ),
+    )
+    key_set_file: Path | None = Field(
+        default=None,
+        description="Published key set bundle that install commands carry.",
+    )
+    trust_anchor_file: Path | None = Field(
+        default=None,
+        description="Current root key set, which new devices ship with.",
     )
     presign_expiry_s: int = Field(default=3600, ge=60, le=SEVEN_DAYS_S)
     manifest_validity_s: int = Field(
@@ -172,8 +222,20 @@ class Settings(BaseSettings):
         return self.signing_key_file or self.keys_dir / "release-signing.pem"
 
     @property
-    def resolved_trusted_keys_file(self) -> Path:
-        return self.trusted_keys_file or self.keys_dir / "trusted-keys.json"
+    def resolved_pki_dir(self) -> Path:
+        return self.pki_dir or self.state_dir / "pki"
+
+    @property
+    def resolved_root_keys_dir(self) -> Path:
+        return self.root_keys_dir or self.keys_dir / "root"
+
+    @property
+    def resolved_key_set_file(self) -> Path:
+        return self.key_set_file or self.keys_dir / "key-set.json"
+
+    @property
+    def resolved_trust_anchor_file(self) -> Path:
+        return self.trust_anchor_file or self.keys_dir / "root.json"
 
     @property
     def cli_token_file(self) -> Path:

@@ -29,6 +29,7 @@ PORT_SETTINGS = (
     "temporal_port",
     "temporal_ui_port",
     "mqtt_port",
+    "mqtt_service_port",
     "s3_port",
     "seaweedfs_master_port",
     "seaweedfs_volume_port",
@@ -109,6 +110,9 @@ def stack_settings(state_dir: Path, **overrides: object) -> Settings:
         "mqtt_host": LOOPBACK,
         "s3_host": LOOPBACK,
         "database_url": f"sqlite:///{state_dir / 'otaflow.db'}",
+        # Fixed here, so a copy of the settings with another state dir still
+        # uses the stack's CAs and certificates.
+        "pki_dir": state_dir / "pki",
         "temporal_ui_url": "",
         "public_url": "",
         "s3_public_url": "",

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from otaflow.db import make_engine
 from otaflow.releases import ReleaseService, TemporalConnector
 from otaflow.settings import Settings, load_settings
-from web.api import devices, firmware, health, releases
+from web.api import devices, enrollment, firmware, health, releases
 from web.deps import AppResources
 from web.errors import install_error_handling
 from web.portal import portal_router
@@ -32,6 +32,9 @@ from web.portal.sessions import SessionSigner, load_session_secret
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+# Routes that devices call, authenticated by an enrollment token or their
+# certificate instead of a CI bearer token.
+DEVICE_API_PREFIX = "/api/device/v1"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
@@ -71,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_portal_error_pages(app)
     app.include_router(health.router)
     app.include_router(api_router())
+    app.include_router(enrollment.router, prefix=DEVICE_API_PREFIX)
     app.include_router(portal_router())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

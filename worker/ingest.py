@@ -29,6 +29,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from otaflow.db import make_engine
 from otaflow.logs import configure_logging
+from otaflow.mqtt import service_tls_context
+from otaflow.pki import INGEST_IDENTITY
 from otaflow.protocol import Channel, DeviceReport, decode_report, subscription_filter
 from otaflow.settings import Settings, load_settings
 from worker.device_records import write_reports
@@ -74,6 +76,7 @@ class StatusIngest:
             protocol=mqtt.MQTTv311,
             manual_ack=True,
         )
+        self._client.tls_set_context(service_tls_context(settings, INGEST_IDENTITY))
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -88,7 +91,7 @@ class StatusIngest:
         """Connect and write batches until ``stop`` is called."""
         self._client.connect_async(
             self._settings.mqtt_host,
-            self._settings.mqtt_port,
+            self._settings.mqtt_service_port,
             self._settings.mqtt_keepalive_s,
         )
         self._client.loop_start()
@@ -127,7 +130,7 @@ class StatusIngest:
         logger.info(
             "connected to MQTT %s:%d as %s",
             self._settings.mqtt_host,
-            self._settings.mqtt_port,
+            self._settings.mqtt_service_port,
             self._settings.ingest_client_id,
         )
         client.subscribe(SUBSCRIPTIONS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from otaflow.cli import demo, dev, release, sim, tokens, users
+from otaflow.cli import demo, dev, devices, keys, release, sim, tokens, users
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -12,6 +12,8 @@ app = typer.Typer(
     help="Release firmware from CI to device fleets in canary and expansion waves.",
 )
 app.add_typer(dev.app, name="dev")
+app.add_typer(devices.app, name="devices")
+app.add_typer(keys.app, name="keys")
 app.add_typer(release.app, name="release")
 app.add_typer(sim.app, name="sim")
 app.add_typer(tokens.app, name="tokens")

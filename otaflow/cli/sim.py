@@ -3,8 +3,10 @@
 Each fleet is a ``python -m device_sim`` process in its own session, named by
 ``--name``: its pid is in ``<state_dir>/run/sim-<name>.pid``, its log in
 ``<state_dir>/logs/sim-<name>.log`` and its devices' state under
-``<state_dir>/sim/<name>/``. The broker address and the trust store come from
-the otaflow settings, so the fleet talks to the local stack.
+``<state_dir>/sim/<name>/``. The broker address and the root key set that
+devices ship with come from the otaflow settings, so the fleet talks to the
+local stack. Devices without a certificate enroll through the local API
+with one-time tokens that ``start`` creates in the database.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
+from device_sim.fleet import fleet_device_ids
+from device_sim.identity import IdentityStore
+from otaflow.cli.database import open_database
+from otaflow.enrollment import create_enrollment_tokens
 from otaflow.errors import InvalidInputError
 from otaflow.identifiers import parse_name
+from otaflow.pki import write_private_bytes
 from otaflow.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -147,8 +155,16 @@ def start(
             else ()
         ),
     ]
-    process = _spawn(command, paths)
-    summary = _wait_ready(process, paths, ready_timeout_s)
+    token_file = _enrollment_tokens(settings, paths, prefix, devices)
+    if token_file is not None:
+        command += ["--enrollment-tokens", str(token_file)]
+        command += ["--api-url", settings.portal_url]
+    try:
+        process = _spawn(command, paths)
+        summary = _wait_ready(process, paths, ready_timeout_s)
+    finally:
+        if token_file is not None:
+            token_file.unlink(missing_ok=True)
     lab = f", the last {lab_devices} of them lab devices" if lab_devices else ""
     typer.echo(
         f"fleet {name!r} started: pid {process.pid}, {summary['connected']} of"
@@ -216,9 +232,38 @@ def _simulator_command(settings: Settings, paths: FleetPaths) -> list[str]:
         "device_sim",
         *("--state-dir", str(paths.state_dir)),
         *("--mqtt-host", settings.mqtt_host, "--mqtt-port", str(settings.mqtt_port)),
-        *("--trusted-keys", str(settings.resolved_trusted_keys_file)),
+        *("--trust-anchor", str(settings.resolved_trust_anchor_file)),
         *("--image-cache", str(settings.cache_dir)),
     ]
+
+
+def _enrollment_tokens(
+    settings: Settings, paths: FleetPaths, prefix: str, devices: int
+) -> Path | None:
+    """Create one enrollment token per device without a certificate.
+
+    The tokens go to a file that only the owner can read and that is deleted
+    once the fleet is ready, so they exist outside the simulator only while
+    it starts. Returns None when every device has a certificate already.
+    """
+    store = IdentityStore(paths.state_dir / "identity")
+    missing = [
+        device_id
+        for device_id in fleet_device_ids(prefix, devices)
+        if store.load(device_id) is None
+    ]
+    if not missing:
+        return None
+    with open_database(settings) as engine:
+        tokens = create_enrollment_tokens(
+            engine,
+            count=len(missing),
+            valid_for=timedelta(seconds=settings.enrollment_token_validity_s),
+            created_by="cli:otaflow sim start",
+        )
+    token_file = paths.state_dir / "enrollment-tokens.txt"
+    write_private_bytes(token_file, ("\n".join(tokens) + "\n").encode())
+    return token_file
 
 
 def _spawn(command: list[str], paths: FleetPaths) -> subprocess.Popen[bytes]:

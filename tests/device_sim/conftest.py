@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 
 from device_sim.fleet import FleetConfig
-from otaflow.manifest import FileSigningKey, TrustedKey, TrustStore
+from otaflow.keystore import KeyStore
+from otaflow.manifest import FileSigningKey
 from otaflow.protocol import Channel
 from otaflow.settings import Settings
 from otaflow.storage import FirmwareStore
+from otaflow.trust import DeviceTrust
 from tests.device_sim.protocol_doc import load_doc_schemas, validate
 from tests.device_sim.server_side import (
     FACTORY_VERSION,
@@ -30,6 +32,7 @@ from tests.device_sim.server_side import (
     ServerLink,
 )
 from tests.device_sim.services import Broker, run_mosquitto, run_seaweedfs
+from tests.identities import CaEnroller
 
 SCHEMA_FOR_CHANNEL = {
     Channel.STATUS: "StatusReport",
@@ -54,7 +57,12 @@ def broker(
 ) -> Iterator[Broker]:
     shared = _shared_stack(request)
     if shared is not None:
-        yield Broker(shared.mqtt_host, shared.mqtt_port)
+        yield Broker(
+            shared.mqtt_host,
+            shared.mqtt_port,
+            shared.mqtt_service_port,
+            shared.resolved_pki_dir,
+        )
         return
     with run_mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
         yield running
@@ -77,21 +85,41 @@ def firmware_store(s3_settings: Settings) -> FirmwareStore:
     return FirmwareStore(s3_settings)
 
 
-@pytest.fixture(scope="session")
-def signing_key() -> FileSigningKey:
-    return FileSigningKey.generate()
+def make_key_store(directory: Path) -> KeyStore:
+    """A root of trust of its own (1 of 1 root keys) with one release key."""
+    key_store = KeyStore(
+        root_keys_dir=directory / "root",
+        signing_key_file=directory / "release-signing.pem",
+        standby_dir=directory / "release",
+        key_set_file=directory / "key-set.json",
+        anchor_file=directory / "root.json",
+    )
+    key_store.init_root(keys=1, threshold=1)
+    return key_store
 
 
 @pytest.fixture(scope="session")
-def trust(signing_key: FileSigningKey) -> TrustStore:
-    return TrustStore().with_key(TrustedKey.from_public_key(signing_key.public_key))
+def key_store(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
+    return make_key_store(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def signing_key(key_store: KeyStore) -> FileSigningKey:
+    return FileSigningKey.load(key_store.signing_key_file)
+
+
+@pytest.fixture(scope="session")
+def trust(key_store: KeyStore) -> DeviceTrust:
+    """What devices ship with: the root key set and the key set of the day."""
+    anchor = DeviceTrust.from_anchor_file(key_store.anchor_file)
+    return anchor.model_copy(update={"key_set": key_store.load_bundle().key_set})
 
 
 @pytest.fixture(scope="session")
 def releases(
-    firmware_store: FirmwareStore, signing_key: FileSigningKey
+    firmware_store: FirmwareStore, signing_key: FileSigningKey, key_store: KeyStore
 ) -> ReleaseFactory:
-    return ReleaseFactory(firmware_store, signing_key)
+    return ReleaseFactory(firmware_store, signing_key, key_store)
 
 
 @pytest.fixture
@@ -101,7 +129,7 @@ def id_prefix() -> str:
 
 @pytest.fixture
 def make_config(
-    tmp_path: Path, broker: Broker, trust: TrustStore, id_prefix: str
+    tmp_path: Path, broker: Broker, trust: DeviceTrust, id_prefix: str
 ) -> Callable[..., FleetConfig]:
     """Build a fleet config for this test; keyword arguments override fields."""
 
@@ -114,6 +142,7 @@ def make_config(
             "trust": trust,
             "mqtt_host": broker.host,
             "mqtt_port": broker.port,
+            "enroller": CaEnroller(broker.pki),
             "id_prefix": id_prefix,
             "step_delay_s": 0.01,
             "connect_timeout_s": 60.0,
@@ -127,7 +156,7 @@ def make_config(
 @pytest.fixture
 async def server(broker: Broker, id_prefix: str) -> AsyncIterator[ServerLink]:
     """The server side; on teardown it checks every message against docs/protocol.md."""
-    link = ServerLink(broker.host, broker.port)
+    link = ServerLink(broker)
     await link.start()
     yield link
     await link.stop()

@@ -221,6 +221,17 @@ def _check_items(instance: Any, items: Any, _schema: Any, root: Any, path: str) 
             _validate(item, items, root, f"{path}[{index}]")
 
 
+def _check_count(keyword: str) -> Any:
+    def check(instance: Any, bound: int, *rest: Any) -> None:
+        if not isinstance(instance, list):
+            return
+        ok = len(instance) >= bound if keyword == "minItems" else len(instance) <= bound
+        if not ok:
+            _fail(rest[-1], f"{len(instance)} items violate {keyword} {bound}")
+
+    return check
+
+
 _CHECKS: dict[str, Any] = {
     "type": _check_type,
     "properties": _check_properties,
@@ -239,4 +250,6 @@ _CHECKS: dict[str, Any] = {
     "pattern": _check_pattern,
     "format": _check_format,
     "items": _check_items,
+    "minItems": _check_count("minItems"),
+    "maxItems": _check_count("maxItems"),
 }

@@ -17,17 +17,22 @@ from typing import Any
 
 import aiomqtt
 
+from otaflow.keystore import KeyStore
 from otaflow.manifest import FileSigningKey, Manifest, ManifestSigner, sign_manifest
+from otaflow.pki import DISPATCH_IDENTITY, INGEST_IDENTITY
 from otaflow.protocol import (
     CancelCommand,
     Channel,
     InstallCommand,
+    KeySetBundle,
     RollbackCommand,
     device_topic,
     encode,
     parse_device_topic,
 )
 from otaflow.storage import FirmwareStore
+from tests.device_sim.services import Broker
+from tests.identities import service_context
 
 PRODUCT = "thermostat"
 HARDWARE = "hw-a"
@@ -42,10 +47,15 @@ def make_image(version: str, size: int = 300_000) -> bytes:
 
 @dataclass
 class ReleaseFactory:
-    """Uploads images and signs install commands for them."""
+    """Uploads images and signs install commands for them.
+
+    Commands carry the key set published by ``key_store``, as the dispatcher's
+    do, unless a test passes its own ``key_set``.
+    """
 
     store: FirmwareStore
     signing_key: FileSigningKey
+    key_store: KeyStore | None = None
     images: dict[str, bytes] = field(default_factory=dict)
 
     def image_of(self, command: InstallCommand) -> bytes:
@@ -59,6 +69,7 @@ class ReleaseFactory:
         release_id: str | None = None,
         signer: ManifestSigner | None = None,
         deadline: timedelta = timedelta(minutes=5),
+        key_set: KeySetBundle | None = None,
         **manifest_fields: Any,
     ) -> InstallCommand:
         """Upload ``image`` and return an install command for it.
@@ -87,6 +98,8 @@ class ReleaseFactory:
         }
         values.update(manifest_fields)
         signed = sign_manifest(Manifest(**values), signer or self.signing_key)
+        if key_set is None and self.key_store is not None:
+            key_set = self.key_store.load_bundle()
         return InstallCommand(
             command_id=uuid.uuid4().hex,
             release_id=release_id,
@@ -96,6 +109,7 @@ class ReleaseFactory:
             url=self.store.presigned_download_url(key, 600),
             deadline=now + deadline,
             issued_at=now,
+            key_set=key_set,
         )
 
 
@@ -109,21 +123,27 @@ class ObservedMessage:
 
 @dataclass
 class ServerLink:
-    """An MQTT client that sends commands and records what devices publish."""
+    """MQTT clients that send commands and record what devices publish.
 
-    host: str
-    port: int
+    They connect to the broker's service listener as the server does: the
+    dispatch identity publishes commands, the ingest identity reads reports.
+    """
+
+    broker: Broker
     messages: list[ObservedMessage] = field(default_factory=list)
     _client: aiomqtt.Client | None = None
+    _reader_client: aiomqtt.Client | None = None
     _reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._client = aiomqtt.Client(
-            self.host, self.port, identifier=f"test-server-{uuid.uuid4().hex[:8]}"
-        )
+        self._client = self._service_client(DISPATCH_IDENTITY)
+        self._reader_client = self._service_client(INGEST_IDENTITY)
         await self._client.__aenter__()
+        await self._reader_client.__aenter__()
         for channel in (Channel.STATUS, Channel.HEALTH, Channel.PRESENCE):
-            await self._client.subscribe(f"otaflow/v1/devices/+/{channel}", qos=1)
+            await self._reader_client.subscribe(
+                f"otaflow/v1/devices/+/{channel}", qos=1
+            )
         self._reader = asyncio.create_task(self._read())
 
     async def stop(self) -> None:
@@ -131,8 +151,17 @@ class ServerLink:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        if self._client is not None:
-            await self._client.__aexit__(None, None, None)
+        for client in (self._client, self._reader_client):
+            if client is not None:
+                await client.__aexit__(None, None, None)
+
+    def _service_client(self, identity: str) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.broker.host,
+            self.broker.service_port,
+            identifier=f"test-server-{uuid.uuid4().hex[:8]}",
+            tls_context=service_context(self.broker.pki_dir, identity),
+        )
 
     async def send(
         self, device_id: str, command: InstallCommand | RollbackCommand | CancelCommand
@@ -166,8 +195,8 @@ class ServerLink:
         ]
 
     async def _read(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
+        assert self._reader_client is not None
+        async for message in self._reader_client.messages:
             device_id, channel = parse_device_topic(str(message.topic))
             payload = message.payload
             assert isinstance(payload, bytes)

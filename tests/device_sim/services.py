@@ -1,7 +1,9 @@
 """Mosquitto and SeaweedFS processes for the simulator tests, on free loopback ports.
 
 Both bind 127.0.0.1 only, on ports the kernel picked as free, so the machine's
-own broker on 1883 and parallel test runs are never touched.
+own broker on 1883 and parallel test runs are never touched. The broker runs
+the local stack's configuration: mTLS on both listeners, ACLs and a CRL, with
+a PKI of its own in its directory.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from otaflow.devstack import MosquittoService
 from otaflow.errors import StorageError
+from otaflow.pki import ProjectPki
 from otaflow.settings import Settings
 from otaflow.storage import FirmwareStore
 
@@ -52,42 +56,56 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 10) -> None:
 
 @dataclass(frozen=True)
 class Broker:
+    """Where a broker listens, and the PKI whose certificates it accepts.
+
+    ``port`` is the device listener, ``service_port`` the listener of the
+    server-side identities.
+    """
+
     host: str
     port: int
+    service_port: int
+    pki_dir: Path
 
-
-MOSQUITTO_CONFIG = """\
-listener {port} 127.0.0.1
-allow_anonymous true
-persistence false
-max_queued_messages 100000
-max_inflight_messages 100
-log_dest file {log}
-log_type error
-log_type warning
-"""
+    @property
+    def pki(self) -> ProjectPki:
+        return ProjectPki(self.pki_dir)
 
 
 @contextlib.contextmanager
-def run_mosquitto(directory: Path, port: int | None = None) -> Iterator[Broker]:
-    """Run Debian's ``mosquitto`` with a minimal config until the block exits.
+def run_mosquitto(
+    directory: Path, port: int | None = None, service_port: int | None = None
+) -> Iterator[Broker]:
+    """Run Debian's ``mosquitto`` with the local stack's config until the block exits.
 
-    Pass the ``port`` of an earlier run to restart a broker at the same address.
+    Pass the ports of an earlier run to restart a broker at the same address;
+    its PKI in ``directory`` is kept.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    log = directory / "mosquitto.log"
-    config = directory / "mosquitto.conf"
-    config.write_text(MOSQUITTO_CONFIG.format(port=port, log=log))
+    settings = Settings(
+        state_dir=directory,
+        bind_host=HOST,
+        mqtt_host=HOST,
+        mqtt_port=port or free_port(),
+        mqtt_service_port=service_port or free_port(),
+        pki_dir=directory / "pki",
+    )
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    service = MosquittoService(settings)
+    service.prepare()
+    log = settings.log_dir / "mosquitto.log"
     log.touch()
     process = subprocess.Popen(
-        ["mosquitto", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        service.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait_for_port(port, process, log)
-        yield Broker(HOST, port)
+        _wait_for_port(settings.mqtt_service_port, process, log)
+        yield Broker(
+            HOST,
+            settings.mqtt_port,
+            settings.mqtt_service_port,
+            settings.resolved_pki_dir,
+        )
     finally:
         _stop(process)
 

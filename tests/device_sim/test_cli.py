@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from otaflow.manifest import TrustStore
+from otaflow.keystore import KeyStore
 from otaflow.protocol import Channel
 from tests.device_sim.server_side import FACTORY_VERSION, HARDWARE, PRODUCT, ServerLink
 from tests.device_sim.services import Broker
 from tests.device_sim.test_fleet import _retained_presence
+from tests.identities import issue_identity
 
 OTAFLOW = [sys.executable, "-c", "from otaflow.cli import main; main()"]
 DEVICE_ARGS = [
@@ -44,15 +45,16 @@ def _simulator(*arguments: str) -> list[str]:
         ("--crash-on-version", "v2"),
     ],
 )
-def test_cli_invalid_option_is_named(option: str, value: str, tmp_path: Path) -> None:
-    trust_file = tmp_path / "trusted-keys.json"
-    TrustStore().save(trust_file)
+def test_cli_invalid_option_is_named(
+    option: str, value: str, key_store: KeyStore
+) -> None:
+    trust_file = key_store.anchor_file
     pairs = zip(DEVICE_ARGS[::2], DEVICE_ARGS[1::2], strict=True)
     arguments = {"--devices": "2", **dict(pairs)}
     arguments[option] = value
     flat = [item for pair in arguments.items() for item in pair]
     result = subprocess.run(
-        _simulator(*flat, "--trusted-keys", str(trust_file)),
+        _simulator(*flat, "--trust-anchor", str(trust_file)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -66,14 +68,14 @@ def test_cli_invalid_option_is_named(option: str, value: str, tmp_path: Path) ->
 def test_cli_missing_trust_store_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.json"
     result = subprocess.run(
-        _simulator("--devices", "1", *DEVICE_ARGS, "--trusted-keys", str(missing)),
+        _simulator("--devices", "1", *DEVICE_ARGS, "--trust-anchor", str(missing)),
         capture_output=True,
         text=True,
         timeout=60,
     )
 
     assert result.returncode == 2
-    assert "--trusted-keys" in result.stderr
+    assert "--trust-anchor" in result.stderr
     assert str(missing) in result.stderr
 
 
@@ -81,16 +83,19 @@ def test_cli_missing_trust_store_is_named(tmp_path: Path) -> None:
 async def test_cli_runs_until_sigterm(
     tmp_path: Path,
     broker: Broker,
-    trust: TrustStore,
+    key_store: KeyStore,
     server: ServerLink,
     id_prefix: str,
 ) -> None:
-    trust_file = tmp_path / "trusted-keys.json"
-    trust.save(trust_file)
+    trust_file = key_store.anchor_file
     state_dir = tmp_path / "fleet"
+    # The devices were provisioned with certificates, so they need no token.
+    for index in range(3):
+        device_id = f"{id_prefix}-{index:04d}"
+        issue_identity(broker.pki_dir, state_dir / "identity", device_id)
     command = _simulator(
         *("--devices", "3", *DEVICE_ARGS, "--id-prefix", id_prefix),
-        *("--state-dir", str(state_dir), "--trusted-keys", str(trust_file)),
+        *("--state-dir", str(state_dir), "--trust-anchor", str(trust_file)),
         *("--mqtt-host", broker.host, "--mqtt-port", str(broker.port)),
     )
     process = await asyncio.create_subprocess_exec(
@@ -137,10 +142,15 @@ def _read_json(path: Path) -> dict[str, object] | None:
 
 @pytest.mark.stack
 def test_otaflow_sim_start_status_stop(
-    tmp_path: Path, broker: Broker, trust: TrustStore, id_prefix: str
+    tmp_path: Path, broker: Broker, key_store: KeyStore, id_prefix: str
 ) -> None:
     state_dir = tmp_path / "otaflow"
-    trust.save(state_dir / "keys" / "trusted-keys.json")
+    (state_dir / "keys").mkdir(parents=True)
+    (state_dir / "keys" / "root.json").write_bytes(key_store.anchor_file.read_bytes())
+    # Certificates for every device, so that 'sim start' needs no enrollment.
+    for index in range(4):
+        device_id = f"{id_prefix}-{index:04d}"
+        issue_identity(broker.pki_dir, state_dir / "sim/lab/identity", device_id)
     environment = {
         **os.environ,
         "OTAFLOW_STATE_DIR": str(state_dir),

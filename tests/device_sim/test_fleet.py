@@ -14,10 +14,12 @@ import pytest
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.profiles import Profile, ProfileCount
 from device_sim.session import Backoff
+from otaflow.pki import INGEST_IDENTITY
 from otaflow.protocol import Channel, DeviceState, device_topic
 from tests.device_sim.server_side import ReleaseFactory, ServerLink
 from tests.device_sim.services import Broker, run_mosquitto
 from tests.device_sim.test_install import finished
+from tests.identities import CaEnroller, service_context
 
 pytestmark = pytest.mark.stack
 
@@ -106,7 +108,10 @@ async def test_presence_is_online_then_offline_retained(
 async def _retained_presence(broker: Broker, device_id: str) -> object:
     identifier = f"test-presence-{uuid.uuid4().hex[:8]}"
     async with aiomqtt.Client(
-        broker.host, broker.port, identifier=identifier
+        broker.host,
+        broker.service_port,
+        identifier=identifier,
+        tls_context=service_context(broker.pki_dir, INGEST_IDENTITY),
     ) as client:
         await client.subscribe(device_topic(device_id, Channel.PRESENCE), qos=1)
         async with asyncio.timeout(10):
@@ -162,6 +167,7 @@ async def test_fleet_reconnects_after_broker_restart(
             devices=3,
             mqtt_host=broker.host,
             mqtt_port=broker.port,
+            enroller=CaEnroller(broker.pki),
             backoff=Backoff(initial_s=0.1, max_s=0.5),
         )
         fleet = Fleet(config)
@@ -173,7 +179,7 @@ async def test_fleet_reconnects_after_broker_restart(
         }
     try:
         await fleet.wait_until(lambda f: f.stats.connected == 0, 30)
-        with run_mosquitto(tmp_path / "broker", broker.port):
+        with run_mosquitto(tmp_path / "broker", broker.port, broker.service_port):
             await fleet.wait_connected(timeout_s=30)
             await fleet.wait_until(
                 lambda f: all(

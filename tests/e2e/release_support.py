@@ -9,13 +9,16 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine, func
 from sqlmodel import Session, select
 
 from device_sim.fleet import Fleet, FleetConfig
+from device_sim.identity import HttpEnroller
 from otaflow.devstack import child_environment
+from otaflow.enrollment import create_enrollment_tokens
 from otaflow.models import Device, ReleaseTarget
 from otaflow.settings import Settings
 from otaflow.trust import DeviceTrust
@@ -52,7 +55,15 @@ async def registered_fleet(
     tmp_path: Path,
     **options: object,
 ) -> AsyncIterator[Fleet]:
-    """A running fleet whose devices the ingest has registered as online."""
+    """A running fleet whose devices the ingest has registered as online.
+
+    The devices enroll through the stack's API with one-time tokens, as a
+    real fleet would.
+    """
+    tokens = create_enrollment_tokens(
+        engine, count=devices, valid_for=timedelta(hours=1), created_by="tests"
+    )
+    enroller = HttpEnroller(settings.portal_url, tokens)
     config = FleetConfig(
         product=product,
         hardware="qemu_arm64",
@@ -61,13 +72,17 @@ async def registered_fleet(
         trust=DeviceTrust.from_anchor_file(settings.resolved_trust_anchor_file),
         mqtt_host=settings.mqtt_host,
         mqtt_port=settings.mqtt_port,
+        enroller=enroller,
         devices=devices,
         id_prefix=product,
         **options,  # type: ignore[arg-type]
     )
-    async with Fleet(config) as fleet:
-        await wait_for(lambda: online_devices(engine, product) == devices, 60)
-        yield fleet
+    try:
+        async with Fleet(config) as fleet:
+            await wait_for(lambda: online_devices(engine, product) == devices, 60)
+            yield fleet
+    finally:
+        await enroller.aclose()
 
 
 async def release(

@@ -30,11 +30,14 @@ from otaflow.devstack import (
     read_env_file,
 )
 from otaflow.errors import StackError
-from otaflow.manifest import FileSigningKey, TrustStore
+from otaflow.keystore import KeyStore
+from otaflow.manifest import FileSigningKey
+from otaflow.pki import PROBE_IDENTITY
 from otaflow.settings import Settings
 from otaflow.storage import FirmwareStore
 from otaflow.temporal import SEARCH_ATTRIBUTES, connect_temporal
 from tests.conftest import LOOPBACK, pick_free_ports, stack_settings
+from tests.identities import service_context
 
 pytestmark = pytest.mark.stack
 
@@ -103,12 +106,13 @@ def _secret_file(settings: Settings, name: str) -> Path:
         "env-file": settings.env_file,
         "cli-token": settings.cli_token_file,
         "signing-key": settings.resolved_signing_key_file,
+        "root-key": next(settings.resolved_root_keys_dir.glob("*.pem")),
         "s3-identities": settings.state_dir / "seaweedfs" / "identities.json",
     }[name]
 
 
 @pytest.mark.parametrize(
-    "name", ["env-file", "cli-token", "signing-key", "s3-identities"]
+    "name", ["env-file", "cli-token", "signing-key", "root-key", "s3-identities"]
 )
 def test_stack_secret_file_is_private(infra_stack: Settings, name: str) -> None:
     path = _secret_file(infra_stack, name)
@@ -123,11 +127,11 @@ def test_stack_env_file_holds_s3_keys(infra_stack: Settings) -> None:
     assert stored["OTAFLOW_S3_SECRET_KEY"] == infra_stack.s3_secret_key
 
 
-def test_stack_trust_store_holds_signing_key(infra_stack: Settings) -> None:
+def test_stack_key_set_holds_signing_key(infra_stack: Settings) -> None:
     key = FileSigningKey.load(infra_stack.resolved_signing_key_file)
-    store = TrustStore.load(infra_stack.resolved_trusted_keys_file)
+    key_set = KeyStore.from_settings(infra_stack).current_key_set()
 
-    assert key.key_id in store.keys
+    assert key_set.key(key.key_id) is not None
 
 
 def test_stack_logs_omit_s3_secret(infra_stack: Settings) -> None:
@@ -181,7 +185,8 @@ def test_mosquitto_burst_reaches_slow_subscriber(infra_stack: Settings) -> None:
     broker holds nearly the whole burst in that subscriber's queue. With
     mosquitto's default queue of 1,000 messages most would be dropped.
     """
-    topic_root = f"tests/burst/{uuid.uuid4().hex}"
+    # The probe identity may read and write under otaflow/health/ only.
+    topic_root = f"otaflow/health/burst/{uuid.uuid4().hex}"
     publisher_done = threading.Event()
     all_received = threading.Event()
     received: set[int] = set()
@@ -213,8 +218,9 @@ def test_mosquitto_burst_reaches_slow_subscriber(infra_stack: Settings) -> None:
 
 def _connected_client(settings: Settings, client_id: str) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.tls_set_context(service_context(settings.resolved_pki_dir, PROBE_IDENTITY))
     client.max_inflight_messages_set(1_000)
-    client.connect(settings.mqtt_host, settings.mqtt_port)
+    client.connect(settings.mqtt_host, settings.mqtt_service_port)
     client.loop_start()
     return client
 

@@ -26,9 +26,11 @@ from otaflow.protocol import (
     StatusReport,
     device_topic,
     encode,
+    parse_device_topic,
 )
 from otaflow.settings import Settings
 from tests.databases import migrated_database, postgres_available
+from tests.identities import issue_identity
 from worker.ingest import StatusIngest
 
 RELEASE = "gw:qemu_arm64:2.0.0"
@@ -75,19 +77,36 @@ def ingest_settings(infra_stack: Settings, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def publisher(infra_stack: Settings) -> Iterator[Callable[[str, bytes], None]]:
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"pub-{secrets.token_hex(4)}"
-    )
-    client.connect(infra_stack.mqtt_host, infra_stack.mqtt_port)
-    client.loop_start()
+def publisher(
+    infra_stack: Settings, tmp_path: Path
+) -> Iterator[Callable[[str, bytes], None]]:
+    """Publish as the device that the topic names, with that device's certificate.
+
+    The broker's ACL lets a device write only its own topics, so each device
+    id gets a certificate and a connection of its own.
+    """
+    clients: dict[str, mqtt.Client] = {}
+
+    def client_for(device_id: str) -> mqtt.Client:
+        if device_id not in clients:
+            identity = issue_identity(
+                infra_stack.resolved_pki_dir, tmp_path / "identity", device_id
+            )
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
+            client.tls_set_context(identity.tls_context())
+            client.connect(infra_stack.mqtt_host, infra_stack.mqtt_port)
+            client.loop_start()
+            clients[device_id] = client
+        return clients[device_id]
 
     def publish(topic: str, payload: bytes) -> None:
-        client.publish(topic, payload, qos=1).wait_for_publish(10)
+        device_id, _ = parse_device_topic(topic)
+        client_for(device_id).publish(topic, payload, qos=1).wait_for_publish(10)
 
     yield publish
-    client.disconnect()
-    client.loop_stop()
+    for client in clients.values():
+        client.disconnect()
+        client.loop_stop()
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float = 20) -> Any:
@@ -326,6 +345,9 @@ def test_ingest_keeps_last_boot_logs(
             payload = report.model_copy(update={"boot_log": f"U-Boot boot {seq}"})
             publisher(topic, encode(payload))
         publisher(topic, encode(payload))
+        # The count of received messages also includes the retained presence
+        # of every device that earlier tests ran, so wait for this device.
+        wait_until(lambda: (row := device(engine, device_id)) and row.last_seq == 12)
         wait_until(lambda: ingest.stats.received >= 13)
     logs = boot_logs(engine, device_id)
     assert [log.seq for log in logs] == list(range(3, 13))
