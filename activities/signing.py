@@ -30,7 +30,7 @@ def load_signer(settings: Settings) -> ManifestSigner:
     """Return the release signer configured for this worker.
 
     ``OTAFLOW_SIGNING_KEY`` (PEM text) wins over the key file. Either way the
-    signer refuses to sign with a key that the published key set does not
+    signer raises rather than sign with a key that the published key set does not
     list as currently valid, because devices would reject what it signs. A
     KMS or HSM backed signer would implement ``ManifestSigner`` and be
     returned here instead.

@@ -306,14 +306,17 @@ def build_config(args: argparse.Namespace, trust: DeviceTrust) -> FleetConfig:
 
 
 def _enroller(args: argparse.Namespace) -> HttpEnroller | None:
-    if args.enrollment_tokens is None:
+    """Return the API client that enrolls new devices and renews certificates."""
+    if args.plain_mqtt:
         return None
-    try:
-        tokens = load_tokens(args.enrollment_tokens)
-    except OSError as error:
-        raise InvalidInputError(
-            "enrollment-tokens", str(args.enrollment_tokens), str(error)
-        ) from None
+    tokens: list[str] = []
+    if args.enrollment_tokens is not None:
+        try:
+            tokens = load_tokens(args.enrollment_tokens)
+        except OSError as error:
+            raise InvalidInputError(
+                "enrollment-tokens", str(args.enrollment_tokens), str(error)
+            ) from None
     return HttpEnroller(args.api_url, tokens)
 
 

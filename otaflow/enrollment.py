@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "otfe_"
 MAX_TOKENS_PER_REQUEST = 100_000
 MAX_CSR_BYTES = 8 * 1024
-# A renewal proof older or newer than this is refused, so a captured renewal
+# A renewal proof older or newer than this is rejected, so a captured renewal
 # request cannot be replayed later.
 RENEWAL_PROOF_MAX_AGE = timedelta(minutes=10)
 

@@ -24,7 +24,7 @@ from device_sim.identity import (
 )
 from otaflow.pki import CLOCK_SKEW, ProjectPki, certificate_pem, utc_now
 
-DEFAULT_VALIDITY = timedelta(days=1)
+DEFAULT_VALIDITY = timedelta(days=90)
 
 
 @dataclass

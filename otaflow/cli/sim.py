@@ -155,10 +155,10 @@ def start(
             else ()
         ),
     ]
+    command += ["--api-url", settings.portal_url]
     token_file = _enrollment_tokens(settings, paths, prefix, devices)
     if token_file is not None:
         command += ["--enrollment-tokens", str(token_file)]
-        command += ["--api-url", settings.portal_url]
     try:
         process = _spawn(command, paths)
         summary = _wait_ready(process, paths, ready_timeout_s)

@@ -26,6 +26,7 @@ from otaflow.protocol import (
     RollbackCommand,
     StatusReport,
 )
+from otaflow.trust import ReleaseKeySet, RootKeySet
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 SCHEMA_BLOCK = re.compile(
@@ -41,6 +42,8 @@ DOCUMENTED_MODELS: dict[str, type[BaseModel]] = {
         HealthReport,
         PresenceReport,
         Manifest,
+        RootKeySet,
+        ReleaseKeySet,
     )
 }
 # Keywords that only annotate; they never make an instance invalid.

@@ -209,7 +209,7 @@ async def test_reused_client_id_leaves_victim_connected(
     assert delivered == [commands]
 
 
-async def test_device_certificate_refused_on_service_listener(
+async def test_device_certificate_rejected_on_service_listener(
     broker: Broker, identities: dict[str, DeviceIdentity]
 ) -> None:
     client = aiomqtt.Client(
@@ -224,7 +224,7 @@ async def test_device_certificate_refused_on_service_listener(
             pass
 
 
-async def test_service_certificate_refused_on_device_listener(broker: Broker) -> None:
+async def test_service_certificate_rejected_on_device_listener(broker: Broker) -> None:
     client = aiomqtt.Client(
         broker.host,
         broker.port,
@@ -237,7 +237,7 @@ async def test_service_certificate_refused_on_device_listener(broker: Broker) ->
             pass
 
 
-async def test_connection_without_certificate_refused(broker: Broker) -> None:
+async def test_connection_without_certificate_rejected(broker: Broker) -> None:
     context = ssl.create_default_context(cafile=str(broker.pki.device_ca_file))
     client = aiomqtt.Client(
         broker.host, broker.port, identifier="anonymous", tls_context=context, timeout=5
@@ -247,14 +247,14 @@ async def test_connection_without_certificate_refused(broker: Broker) -> None:
             pass
 
 
-async def test_plain_tcp_refused(broker: Broker) -> None:
+async def test_plain_tcp_rejected(broker: Broker) -> None:
     client = aiomqtt.Client(broker.host, broker.port, identifier="plain", timeout=5)
     with pytest.raises(aiomqtt.MqttError):
         async with client:
             pass
 
 
-async def test_certificate_from_foreign_ca_refused(
+async def test_certificate_from_foreign_ca_rejected(
     broker: Broker, tmp_path: Path, identities: dict[str, DeviceIdentity]
 ) -> None:
     # A CA the attacker made, issuing a certificate in the victim's name.
@@ -310,7 +310,7 @@ def enrolled_identity(
     )
 
 
-async def test_revoked_certificate_is_disconnected_and_refused(
+async def test_revoked_certificate_is_disconnected_and_rejected(
     infra_stack: Settings, broker: Broker, tmp_path: Path, id_prefix: str
 ) -> None:
     revoked = enrolled_identity(infra_stack, tmp_path, f"{id_prefix}-revoked")

@@ -1,6 +1,6 @@
 """Attacks on a device's install path, through the real broker and object store.
 
-Each attack sends an install command a device must refuse. The test checks
+Each attack sends an install command a device must reject. The test checks
 that the device reports ``failed`` with the typed reason, keeps running its
 firmware, leaves its slots and stored state as they were, and then installs
 the next valid release.
@@ -48,7 +48,7 @@ def stored_state(device: VirtualDevice) -> dict[str, Any]:
     """The device's stored record without the parts every report changes.
 
     The trust is compared on its own, because a command may carry a newer,
-    validly signed key set that the device stores even when it refuses the
+    validly signed key set that the device stores even when it rejects the
     manifest.
     """
     record = device.record.model_dump()
@@ -70,7 +70,7 @@ async def send_and_wait(
     await fleet.wait_until(finished(device.device_id, command.release_id), 60)
 
 
-async def assert_refused_then_recovers(
+async def assert_rejected_then_recovers(
     fleet: Fleet,
     server: ServerLink,
     releases: ReleaseFactory,
@@ -115,7 +115,7 @@ def fleet_config(make_config: Callable[..., FleetConfig]) -> FleetConfig:
 # --- Manifest and signature -------------------------------------------------------
 
 
-async def test_unsigned_manifest_is_refused(
+async def test_unsigned_manifest_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     command = releases.install("2.0.0", security_version=FACTORY_SECURITY_VERSION)
@@ -123,12 +123,12 @@ async def test_unsigned_manifest_is_refused(
         update={"signature": base64.b64encode(bytes(64)).decode()}
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, unsigned, FailureReason.SIGNATURE_INVALID
         )
 
 
-async def test_manifest_edited_after_signing_is_refused(
+async def test_manifest_edited_after_signing_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     command = releases.install("2.0.0", security_version=FACTORY_SECURITY_VERSION)
@@ -141,12 +141,12 @@ async def test_manifest_edited_after_signing_is_refused(
     )
     assert edited.manifest != command.manifest
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, edited, FailureReason.SIGNATURE_INVALID
         )
 
 
-async def test_unknown_key_with_forged_key_set_is_refused(
+async def test_unknown_key_with_forged_key_set_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     attacker_key = FileSigningKey.generate()
@@ -175,7 +175,7 @@ async def test_unknown_key_with_forged_key_set_is_refused(
         security_version=FACTORY_SECURITY_VERSION,
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, command, FailureReason.UNKNOWN_KEY
         )
         device = next(iter(fleet.devices.values()))
@@ -183,7 +183,7 @@ async def test_unknown_key_with_forged_key_set_is_refused(
         assert "key set sent with the command was rejected" in (last.detail or "")
 
 
-async def test_revoked_key_is_refused(
+async def test_revoked_key_is_rejected(
     make_config: Callable[..., FleetConfig],
     server: ServerLink,
     firmware_store: Any,
@@ -202,7 +202,7 @@ async def test_revoked_key_is_refused(
     )
     config = make_config(security_version=FACTORY_SECURITY_VERSION, trust=own_trust)
     async with Fleet(config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet,
             server,
             own_releases,
@@ -212,7 +212,7 @@ async def test_revoked_key_is_refused(
         )
 
 
-async def test_expired_manifest_is_refused(
+async def test_expired_manifest_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     command = releases.install(
@@ -221,45 +221,45 @@ async def test_expired_manifest_is_refused(
         expires=datetime.now(UTC) - timedelta(seconds=1),
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, command, FailureReason.MANIFEST_EXPIRED
         )
 
 
-async def test_older_valid_image_replay_is_refused(
+async def test_older_valid_image_replay_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     # A genuine, correctly signed release of the past, with a security version
     # below what the device has installed since.
     old = releases.install("1.5.0", security_version=FACTORY_SECURITY_VERSION - 1)
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, old, FailureReason.ROLLBACK_REJECTED
         )
         device = next(iter(fleet.devices.values()))
         assert device.record.highest_security_version == FACTORY_SECURITY_VERSION
 
 
-async def test_manifest_for_other_hardware_is_refused(
+async def test_manifest_for_other_hardware_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     command = releases.install(
         "2.0.0", hardware="hw-other", security_version=FACTORY_SECURITY_VERSION
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, command, FailureReason.WRONG_HARDWARE
         )
 
 
-async def test_manifest_for_other_group_is_refused(
+async def test_manifest_for_other_group_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     command = releases.install(
         "2.0.0", target_groups=("beta",), security_version=FACTORY_SECURITY_VERSION
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, command, FailureReason.WRONG_TARGET
         )
 
@@ -267,7 +267,7 @@ async def test_manifest_for_other_group_is_refused(
 # --- Image and transport ------------------------------------------------------------
 
 
-async def test_image_replaced_in_storage_is_refused(
+async def test_image_replaced_in_storage_is_rejected(
     fleet_config: FleetConfig,
     server: ServerLink,
     releases: ReleaseFactory,
@@ -279,7 +279,7 @@ async def test_image_replaced_in_storage_is_refused(
     replaced = bytes(byte ^ 0x5A for byte in original)
     firmware_store.put_bytes(manifest_key, replaced)
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, command, FailureReason.HASH_MISMATCH
         )
 
@@ -296,7 +296,7 @@ async def test_server_sending_extra_bytes_is_cut_off(
         "/extra.bin", image, Behaviour.EXTRA_BYTES, extra=b"\0" * 4096
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet,
             server,
             releases,
@@ -318,7 +318,7 @@ async def test_stalled_download_times_out(
         "/stall.bin", releases.image_of(command), Behaviour.STALL
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet,
             server,
             releases,
@@ -328,7 +328,7 @@ async def test_stalled_download_times_out(
     assert hostile_server.requests == ["/stall.bin"]
 
 
-async def test_presigned_url_after_expiry_is_refused(
+async def test_presigned_url_after_expiry_is_rejected(
     fleet_config: FleetConfig,
     server: ServerLink,
     releases: ReleaseFactory,
@@ -339,7 +339,7 @@ async def test_presigned_url_after_expiry_is_refused(
     short_lived = firmware_store.presigned_download_url(key, 1)
     await asyncio.sleep(2.5)
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet,
             server,
             releases,
@@ -351,7 +351,7 @@ async def test_presigned_url_after_expiry_is_refused(
         assert "HTTP 403" in (last.detail or "")
 
 
-async def test_wrong_length_declared_is_refused(
+async def test_wrong_length_declared_is_rejected(
     fleet_config: FleetConfig, server: ServerLink, releases: ReleaseFactory
 ) -> None:
     image = make_image("2.0.0")
@@ -363,6 +363,6 @@ async def test_wrong_length_declared_is_refused(
         security_version=FACTORY_SECURITY_VERSION,
     )
     async with Fleet(fleet_config) as fleet:
-        await assert_refused_then_recovers(
+        await assert_rejected_then_recovers(
             fleet, server, releases, command, FailureReason.HASH_MISMATCH
         )

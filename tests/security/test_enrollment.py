@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiomqtt
 import httpx
 import pytest
 from cryptography import x509
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
+from device_sim.fleet import Fleet, FleetConfig
 from device_sim.identity import (
+    HttpEnroller,
+    IdentityStore,
     KeyType,
     build_csr,
     generate_key,
@@ -27,6 +32,7 @@ from otaflow.devstack import child_environment
 from otaflow.enrollment import create_enrollment_tokens, hash_enrollment_token
 from otaflow.models import DeviceCertificate, EnrollmentToken
 from otaflow.settings import Settings
+from otaflow.trust import DeviceTrust
 
 pytestmark = pytest.mark.stack
 
@@ -127,7 +133,7 @@ async def test_enrollment_token_used_concurrently_once(
     assert set(codes) <= {201, 401}
 
 
-def test_expired_enrollment_token_refused(
+def test_expired_enrollment_token_rejected(
     api: httpx.Client, engine: Engine, id_prefix: str
 ) -> None:
     token = new_token(engine, valid_for=timedelta(milliseconds=1))
@@ -137,7 +143,7 @@ def test_expired_enrollment_token_refused(
     assert response.status_code == 401
 
 
-def test_unknown_enrollment_token_refused(api: httpx.Client, id_prefix: str) -> None:
+def test_unknown_enrollment_token_rejected(api: httpx.Client, id_prefix: str) -> None:
     response = enroll(api, "otfe_" + "A" * 43, f"{id_prefix}-nobody")
 
     assert response.status_code == 401
@@ -174,7 +180,7 @@ def test_enrollment_rejects_unsafe_device_id(
     assert row.used_at is None
 
 
-def test_token_bound_to_device_refuses_other_id(
+def test_token_bound_to_device_rejects_other_id(
     api: httpx.Client, engine: Engine, id_prefix: str
 ) -> None:
     token = new_token(engine, device_id=f"{id_prefix}-bound")
@@ -198,7 +204,7 @@ def test_second_enrollment_of_device_needs_bound_token(
     assert reprovision.status_code == 201
 
 
-def test_csr_with_bad_signature_refused(
+def test_csr_with_bad_signature_rejected(
     api: httpx.Client, engine: Engine, id_prefix: str
 ) -> None:
     csr = build_csr(generate_key(KeyType.P256), f"{id_prefix}-bad")
@@ -259,7 +265,7 @@ def test_renewal_with_current_certificate_issues_new_one(
     assert all(row.revoked_at is None for row in rows)
 
 
-def test_renewal_with_wrong_key_refused(
+def test_renewal_with_wrong_key_rejected(
     api: httpx.Client, engine: Engine, id_prefix: str
 ) -> None:
     device_id = f"{id_prefix}-thief"
@@ -282,7 +288,7 @@ def test_renewal_cannot_change_device_id(
     assert response.status_code == 422
 
 
-def test_renewal_with_stale_proof_refused(
+def test_renewal_with_stale_proof_rejected(
     api: httpx.Client, engine: Engine, id_prefix: str
 ) -> None:
     device_id = f"{id_prefix}-stale"
@@ -297,7 +303,7 @@ def test_renewal_with_stale_proof_refused(
     assert response.status_code == 422
 
 
-def test_renewal_of_revoked_certificate_refused(
+def test_renewal_of_revoked_certificate_rejected(
     app_stack: Settings, api: httpx.Client, engine: Engine, id_prefix: str
 ) -> None:
     device_id = f"{id_prefix}-gone"
@@ -348,3 +354,60 @@ def test_cli_enrolls_device_with_private_key(
     assert (tmp_path / f"{device_id}.key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / f"{device_id}.pem").exists()
     assert (tmp_path / "ca.pem").exists()
+
+
+async def test_fleet_renews_and_old_certificate_overlaps(
+    app_stack: Settings, engine: Engine, tmp_path: Path, id_prefix: str
+) -> None:
+    tokens = create_enrollment_tokens(
+        engine, count=2, valid_for=timedelta(minutes=10), created_by="tests"
+    )
+    enroller = HttpEnroller(app_stack.portal_url, tokens)
+    config = FleetConfig(
+        product="renewal",
+        hardware="hw-a",
+        version="1.0.0",
+        state_dir=tmp_path / "fleet",
+        trust=DeviceTrust.from_anchor_file(app_stack.resolved_trust_anchor_file),
+        mqtt_host=app_stack.mqtt_host,
+        mqtt_port=app_stack.mqtt_port,
+        devices=2,
+        id_prefix=id_prefix,
+        enroller=enroller,
+    )
+    store = IdentityStore(config.state_dir / "identity")
+    device_id = config.device_ids()[0]
+    try:
+        async with Fleet(config):
+            pass
+        enrolled = store.load(device_id)
+        assert enrolled is not None
+        old = IdentityStore(tmp_path / "old").files(device_id)
+        old.ca_file.parent.mkdir()
+        for source, target in zip(
+            (enrolled.key_file, enrolled.cert_file, enrolled.ca_file),
+            (old.key_file, old.cert_file, old.ca_file),
+            strict=True,
+        ):
+            target.write_bytes(source.read_bytes())
+
+        # A renewal window longer than the certificate's life renews at start.
+        renewing = dataclasses.replace(config, renew_within_s=365 * 24 * 3600.0)
+        async with Fleet(renewing) as fleet:
+            connected = all(device.connected for device in fleet.devices.values())
+        renewed = store.load(device_id)
+    finally:
+        await enroller.aclose()
+
+    assert connected
+    assert renewed is not None
+    assert renewed.certificate().serial_number != old.certificate().serial_number
+    assert enroller.tokens_left == 0
+    async with aiomqtt.Client(
+        app_stack.mqtt_host,
+        app_stack.mqtt_port,
+        identifier=device_id,
+        tls_context=old.tls_context(),
+        timeout=10,
+    ):
+        pass

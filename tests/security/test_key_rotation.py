@@ -80,13 +80,13 @@ async def test_offline_devices_catch_up_after_rotations(
         versions = {fleet.device(d).running_version for d in fleet.devices}
         roots = {parse_root(stored_trust(fleet, d).root).version for d in fleet.devices}
         key_sets = {key_set_version(stored_trust(fleet, d)) for d in fleet.devices}
-        refused = fleet.device(device_id).status_reports(replay.release_id)[-1]
+        rejected = fleet.device(device_id).status_reports(replay.release_id)[-1]
 
     assert states == {DeviceState.SUCCEEDED}
     assert versions == {"1.2.0"}
     assert roots == {3}
     assert key_sets == {own_key_store.current_key_set().version}
-    assert refused.reason is FailureReason.KEY_REVOKED
+    assert rejected.reason is FailureReason.KEY_REVOKED
 
 
 async def test_release_after_cli_rotations_reaches_offline_fleet(

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
 
+from activities.dispatch import url_expiry_s
+from activities.signing import SigningKeyNotTrustedError, load_signer
 from otaflow.errors import ConflictError, InvalidInputError
 from otaflow.keystore import KeyStore
-from otaflow.manifest import FileSigningKey, TrustedKey
+from otaflow.manifest import FileSigningKey, ManifestSigner, TrustedKey
 from otaflow.protocol import DocumentSignature, KeySetBundle, SignedDocument
+from otaflow.settings import Settings
 from otaflow.trust import (
     DeviceTrust,
     KeySetRejectedError,
@@ -27,6 +35,7 @@ from otaflow.trust import (
     update_trust,
     verify_self_signed_root,
 )
+from tests.device_sim.protocol_doc import load_doc_schemas, validate
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -309,7 +318,7 @@ def test_key_store_rotation_keeps_old_key_for_overlap(tmp_path: Path) -> None:
     assert key_set.version == 2
 
 
-def test_key_store_refuses_revoking_active_key(tmp_path: Path) -> None:
+def test_key_store_rejects_revoking_active_key(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     store.init_root(keys=1, threshold=1)
 
@@ -339,3 +348,123 @@ def test_key_store_without_root_keys_cannot_sign(tmp_path: Path) -> None:
         InvalidInputError, match="holds 0 of the keys of root version 1"
     ):
         offline.add_release_key()
+
+
+def test_published_documents_match_protocol_doc(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.init_root(keys=2, threshold=1)
+    store.rotate_root(keys=1, threshold=1)
+    bundle = store.load_bundle()
+    schemas = load_doc_schemas()
+
+    for root in bundle.roots:
+        validate(json.loads(root.signed), schemas["RootKeySet"])
+    validate(json.loads(bundle.key_set.signed), schemas["ReleaseKeySet"])
+
+
+# --- The worker's signer ----------------------------------------------------------
+
+
+def stack_like_settings(tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(state_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+
+
+def test_signer_reads_rotated_key_file(tmp_path: Path) -> None:
+    settings = stack_like_settings(tmp_path)
+    store = KeyStore.from_settings(settings)
+    store.init_root(keys=1, threshold=1)
+    signer = load_signer(settings)
+    before = signer.key_id
+
+    _, rotated = store.rotate_release_key(overlap=timedelta(days=1))
+
+    assert signer.key_id == rotated
+    assert rotated != before
+    assert len(signer.sign(b"manifest")) == 64
+
+
+def test_signer_from_environment_variable(tmp_path: Path) -> None:
+    store = KeyStore.from_settings(stack_like_settings(tmp_path))
+    store.init_root(keys=1, threshold=1)
+    pem = store.signing_key_file.read_text()
+    store.signing_key_file.unlink()
+    settings = stack_like_settings(tmp_path, signing_key=SecretStr(pem))
+
+    signer = load_signer(settings)
+
+    assert signer.key_id == store.current_key_set().keys[0].key_id
+    assert pem not in repr(settings)
+    assert pem not in repr(signer)
+
+
+def test_signer_rejects_unpublished_key(tmp_path: Path) -> None:
+    settings = stack_like_settings(tmp_path)
+    KeyStore.from_settings(settings).init_root(keys=1, threshold=1)
+    FileSigningKey.generate().save(settings.resolved_signing_key_file, replace=True)
+    signer = load_signer(settings)
+
+    with pytest.raises(SigningKeyNotTrustedError, match="is not in the published key"):
+        sign_manifest_bytes(signer)
+
+
+def test_signer_rejects_revoked_key(tmp_path: Path) -> None:
+    settings = stack_like_settings(tmp_path)
+    store = KeyStore.from_settings(settings)
+    store.init_root(keys=1, threshold=1)
+    old = FileSigningKey.load(store.signing_key_file)
+    store.rotate_release_key(overlap=timedelta(days=1))
+    store.revoke_release_key(old.key_id)
+    old.save(store.signing_key_file, replace=True)
+
+    with pytest.raises(SigningKeyNotTrustedError, match="is revoked"):
+        sign_manifest_bytes(load_signer(settings))
+
+
+def sign_manifest_bytes(signer: ManifestSigner) -> bytes:
+    _ = signer.key_id
+    return signer.sign(b"manifest")
+
+
+def test_url_expiry_covers_device_deadline() -> None:
+    assert url_expiry_s(3600, 900) == 3600
+    assert url_expiry_s(3600, 7200.5) == 7201
+    assert url_expiry_s(3600, 30 * 24 * 3600) == 7 * 24 * 3600
+
+
+def test_keys_cli_manages_local_keys(tmp_path: Path) -> None:
+    environment = {**os.environ, "OTAFLOW_STATE_DIR": str(tmp_path)}
+
+    def keys(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "otaflow", "keys", *arguments],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    initialised = keys("init-root", "--keys", "3", "--threshold", "2")
+    added = keys("add-release")
+    shown = json.loads(keys("show", "--json").stdout)
+    standby = shown["standby_key_ids"][0]
+    rotated = keys("rotate-release", "--key-id", standby)
+    old = next(
+        key["key_id"]
+        for key in json.loads(keys("show", "--json").stdout)["key_set"]["keys"]
+        if key["key_id"] != standby
+    )
+    revoked = keys("revoke-release", old)
+    rejected = keys("revoke-release", standby)
+    summary = keys("show")
+
+    assert initialised.returncode == 0, initialised.stderr
+    assert added.returncode == 0, added.stderr
+    assert rotated.returncode == 0, rotated.stderr
+    assert revoked.returncode == 0, revoked.stderr
+    assert rejected.returncode == 1
+    assert "is the active signing key" in rejected.stderr
+    assert "root key set version 1: 2 of 3 keys" in summary.stdout
+    assert f"{standby}  active" in summary.stdout
+    assert f"{old}  revoked" in summary.stdout
+    assert "BEGIN PRIVATE KEY" not in summary.stdout

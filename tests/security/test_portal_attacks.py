@@ -175,7 +175,7 @@ async def held(
         yield HeldRelease(release_id, row.sha256, fleet)
 
 
-async def test_csrf_forged_approval_refused(
+async def test_csrf_forged_approval_rejected(
     engine: Engine, reviewer: Browser, held: HeldRelease
 ) -> None:
     # A page on another site can make the reviewer's browser send the form
@@ -194,10 +194,10 @@ async def test_uploader_cannot_approve_own_release(
     engine: Engine, uploader: Browser, reviewer: Browser, held: HeldRelease
 ) -> None:
     csrf = uploader.csrf(f"/releases/{held.release_id}")
-    refused = uploader.act(held.release_id, "approve", csrf, sha256=held.sha256)
+    rejected = uploader.act(held.release_id, "approve", csrf, sha256=held.sha256)
 
-    assert refused.status_code == 409, refused.text
-    assert "four-eyes" in refused.text
+    assert rejected.status_code == 409, rejected.text
+    assert "four-eyes" in rejected.text
     assert release_state(engine, held.release_id) == "awaiting_approval"
     assert dispatched_targets(engine, held.release_id) == 0
 
@@ -233,7 +233,7 @@ def start(
     )
 
 
-def test_oversized_upload_refused(app_stack: Settings, ci: httpx.Client) -> None:
+def test_oversized_upload_rejected(app_stack: Settings, ci: httpx.Client) -> None:
     product = f"big{secrets.token_hex(4)}"
     fields = {"product": product, "hardware": "hw1", "version": "1.0.0"}
     with tempfile.TemporaryFile() as image:
@@ -254,7 +254,7 @@ def test_oversized_upload_refused(app_stack: Settings, ci: httpx.Client) -> None
         ("version", "..%2F..%2Fx"),
     ],
 )
-def test_traversal_in_names_refused(
+def test_traversal_in_names_rejected(
     app_stack: Settings, ci: httpx.Client, field: str, value: str
 ) -> None:
     fields = {"product": "travel", "hardware": "hw1", "version": "1.0.0"}
