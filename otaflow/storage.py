@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,21 +23,39 @@ from minio.error import S3Error
 from urllib3.exceptions import HTTPError
 
 from otaflow.errors import ConflictError, NotFoundError, StorageError
+from otaflow.identifiers import check_name, check_version
 from otaflow.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchBucket"})
 
 
 def staging_key(product: str, hardware: str, version: str, sha256: str) -> str:
     """Key of an uploaded image before verification, addressed by its content."""
-    return f"staging/{product}/{hardware}/{version}/{sha256}.bin"
+    if not SHA256_RE.fullmatch(sha256):
+        raise ValueError(
+            f"invalid SHA-256 {sha256!r}: expected 64 lowercase hex digits"
+        )
+    return f"staging/{_key_path(product, hardware, version)}/{sha256}.bin"
 
 
 def release_prefix(product: str, hardware: str, version: str) -> str:
-    return f"releases/{product}/{hardware}/{version}/"
+    return f"releases/{_key_path(product, hardware, version)}/"
+
+
+def _key_path(product: str, hardware: str, version: str) -> str:
+    """``product/hardware/version``, checked so that no part can add a key level.
+
+    Callers validate these names already; checking again here keeps a key
+    such as ``../other`` impossible even for a caller that forgot to.
+    """
+    check_name(product)
+    check_name(hardware)
+    check_version(version)
+    return f"{product}/{hardware}/{version}"
 
 
 def image_key(product: str, hardware: str, version: str) -> str:
