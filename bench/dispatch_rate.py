@@ -45,6 +45,7 @@ from bench.stack import (
     private_stack,
 )
 from otaflow.db import make_engine, upgrade_database
+from otaflow.keystore import KeyStore
 from otaflow.manifest import FileSigningKey, Manifest, SignedManifest, sign_manifest
 from otaflow.models import ReleaseTarget, utc_now
 from otaflow.mqtt import DISPATCH_INFLIGHT, command_client
@@ -156,10 +157,15 @@ def signed_manifest(release_id: str) -> SignedManifest:
 def install_payload(
     settings: Settings, signed: SignedManifest, release_id: str
 ) -> bytes:
-    """Encode the install command that dispatch sends, once for every device."""
+    """Encode the install command that dispatch sends, once for every device.
+
+    Like ``dispatch_wave``, it carries the published key set when there is one.
+    """
     url = FirmwareStore(settings).presigned_download_url(
         image_key(PRODUCT, HARDWARE, "2.0.0"), settings.presign_expiry_s
     )
+    key_store = KeyStore.from_settings(settings)
+    key_set = key_store.load_bundle() if key_store.exists() else None
     now = utc_now()
     command = InstallCommand(
         command_id=uuid.uuid4().hex,
@@ -170,6 +176,7 @@ def install_payload(
         url=url,
         deadline=now + timedelta(seconds=DEVICE_DEADLINE_S),
         issued_at=now,
+        key_set=key_set,
     )
     return encode(command)
 
