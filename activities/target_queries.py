@@ -96,15 +96,20 @@ def _failure_samples(
 
 
 def pending_device_ids(
-    engine: Engine, release_id: str, wave_index: int, limit: int
+    engine: Engine, release_id: str, wave_index: int, after_id: str, limit: int
 ) -> list[str]:
-    """Devices of the wave that have not been sent the install command yet."""
+    """Devices of the wave after ``after_id`` not sent the install command yet.
+
+    Paging by device id lets the next page be read while the current one is
+    still being sent.
+    """
     query = (
         select(TARGET.c.device_id)
         .where(
             TARGET.c.release_id == release_id,
             TARGET.c.wave_index == wave_index,
             TARGET.c.dispatched_at.is_(None),
+            TARGET.c.device_id > after_id,
         )
         .order_by(TARGET.c.device_id)
         .limit(limit)

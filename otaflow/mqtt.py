@@ -33,7 +33,7 @@ def service_tls_context(settings: Settings, identity: str) -> ssl.SSLContext:
 
 def command_client(settings: Settings, purpose: str) -> aiomqtt.Client:
     """Return an MQTT client for publishing commands, with a unique clean session."""
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         settings.mqtt_host,
         settings.mqtt_service_port,
         identifier=f"otaflow-{purpose}-{uuid.uuid4().hex[:12]}",
@@ -43,6 +43,10 @@ def command_client(settings: Settings, purpose: str) -> aiomqtt.Client:
         timeout=30,
         tls_context=service_tls_context(settings, DISPATCH_IDENTITY),
     )
+    # aiomqtt warns for every publish started while more than this many others
+    # await their acknowledgement; dispatch keeps DISPATCH_INFLIGHT waiting.
+    client.pending_calls_threshold = DISPATCH_INFLIGHT
+    return client
 
 
 async def evict_device_session(settings: Settings, device_id: str) -> None:
