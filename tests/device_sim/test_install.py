@@ -34,6 +34,22 @@ def finished(device_id: str, release_id: str) -> Callable[[Fleet], bool]:
     return check
 
 
+def reported_health_after(device_id: str, release_id: str) -> Callable[[Fleet], bool]:
+    """True once a health report follows the device's last status of the release.
+
+    A device reports its final state first and its health right after, so a
+    test that reads the health report must wait for it too.
+    """
+
+    def check(fleet: Fleet) -> bool:
+        device = fleet.device(device_id)
+        statuses = device.status_reports(release_id)
+        healths = device.health_reports()
+        return bool(statuses and healths and healths[-1].seq > statuses[-1].seq)
+
+    return check
+
+
 async def install_and_wait(
     fleet: Fleet, server: ServerLink, releases: ReleaseFactory, version: str
 ) -> str:
@@ -41,6 +57,9 @@ async def install_and_wait(
     command = releases.install(version)
     await server.send(device.device_id, command)
     await fleet.wait_until(finished(device.device_id, command.release_id), 30)
+    await fleet.wait_until(
+        reported_health_after(device.device_id, command.release_id), 10
+    )
     return command.release_id
 
 
