@@ -98,7 +98,7 @@ S3_SECRET_KEY_VARIABLE = "OTAFLOW_S3_SECRET_KEY"
 S3_IDENTITY_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
 
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO_TEMPLATE = REPOSITORY_ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
 MOSQUITTO_ACLS = (
     REPOSITORY_ROOT / "deploy" / "mosquitto" / "device.acl",
