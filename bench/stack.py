@@ -2,9 +2,8 @@
 
 ``private_stack`` starts the requested services on free loopback ports in a
 new temporary state dir and removes both at the end, so a benchmark never
-touches the developer's ``.otaflow`` stack or its fixed ports. The port
-choice follows ``tests/conftest.py``: ports below the kernel's ephemeral range
-whose SeaweedFS gRPC neighbour (port + 10,000) is free too.
+touches the developer's ``.otaflow`` stack or its fixed ports. The ports and
+settings come from ``otaflow.devstack.isolated``, as the tests' do.
 """
 
 from __future__ import annotations
@@ -12,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import random
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -28,24 +25,18 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from otaflow.devstack import MAX_PORT, SEAWEEDFS_GRPC_PORT_OFFSET, LocalStack
-from otaflow.settings import Settings, load_settings
-
-LOOPBACK = "127.0.0.1"
-PORT_SETTINGS = (
-    "temporal_port",
-    "temporal_ui_port",
-    "mqtt_port",
-    "mqtt_service_port",
-    "mqtt_plain_port",
-    "s3_port",
-    "seaweedfs_master_port",
-    "seaweedfs_volume_port",
-    "seaweedfs_filer_port",
-    "web_port",
+from otaflow.devstack import LocalStack
+from otaflow.devstack.isolated import (
+    LOOPBACK,
+    PORT_SETTINGS,
+    isolated_settings,
+    pick_port_settings,
 )
-FIRST_CANDIDATE_PORT = 10_000
-LINUX_FIRST_EPHEMERAL_PORT = 32_768
+from otaflow.settings import Settings
+
+# The broker's plain-TCP listener is open too, because ingest_rate publishes
+# the fleet's reports on it.
+BENCH_PORT_SETTINGS = (*PORT_SETTINGS, "mqtt_plain_port")
 
 POSTGRES_ADMIN = f"host={LOOPBACK} port=5432 user=postgres dbname=postgres"
 POSTGRES_URL = "postgresql+psycopg://postgres@" + LOOPBACK + ":5432/{name}"
@@ -53,50 +44,6 @@ DATABASE_KINDS = ("sqlite", "postgresql")
 
 
 # --- ports and settings --------------------------------------------------------
-
-
-def pick_free_ports(count: int) -> list[int]:
-    """Return ``count`` free loopback ports P whose neighbour P + 10,000 is free."""
-    last = _last_candidate_port()
-    candidates = list(range(FIRST_CANDIDATE_PORT, last + 1))
-    random.shuffle(candidates)
-    bound_sockets: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        for port in candidates:
-            if _hold(port, bound_sockets) and _hold(
-                port + SEAWEEDFS_GRPC_PORT_OFFSET, bound_sockets
-            ):
-                ports.append(port)
-            if len(ports) == count:
-                return ports
-    finally:
-        for probe in bound_sockets:
-            probe.close()
-    raise RuntimeError(
-        f"found only {len(ports)} of {count} free port pairs on {LOOPBACK}"
-        f" between {FIRST_CANDIDATE_PORT} and {last}"
-    )
-
-
-def _last_candidate_port() -> int:
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        first_ephemeral = int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        first_ephemeral = LINUX_FIRST_EPHEMERAL_PORT
-    return min(first_ephemeral - 1, MAX_PORT) - SEAWEEDFS_GRPC_PORT_OFFSET
-
-
-def _hold(port: int, bound_sockets: list[socket.socket]) -> bool:
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.bind((LOOPBACK, port))
-    except OSError:
-        probe.close()
-        return False
-    bound_sockets.append(probe)
-    return True
 
 
 @dataclass
@@ -115,7 +62,7 @@ class BenchStack:
         ``Settings.resolved_database_url`` is a cached property that a copy
         would carry over with the old URL.
         """
-        return _build_settings(
+        return isolated_settings(
             self.state_dir,
             self.ports,
             database_url,
@@ -134,27 +81,6 @@ class BenchStack:
         LocalStack(settings or self.settings).down(services=list(services))
 
 
-def _build_settings(
-    state_dir: Path, ports: dict[str, int], database_url: str, **overrides: object
-) -> Settings:
-    # Hosts, URLs and the database are fixed here, so that OTAFLOW_* variables
-    # of the developer's shell cannot point a benchmark at their stack.
-    values: dict[str, object] = {
-        "state_dir": state_dir,
-        "bind_host": LOOPBACK,
-        "temporal_host": LOOPBACK,
-        "mqtt_host": LOOPBACK,
-        "s3_host": LOOPBACK,
-        "database_url": database_url,
-        "temporal_ui_url": "",
-        "public_url": "",
-        "s3_public_url": "",
-        **ports,
-        **overrides,
-    }
-    return load_settings(**values)
-
-
 @contextlib.contextmanager
 def private_stack(services: Sequence[str], **overrides: object) -> Iterator[BenchStack]:
     """Start ``services`` in a temporary state dir on free loopback ports.
@@ -164,12 +90,12 @@ def private_stack(services: Sequence[str], **overrides: object) -> Iterator[Benc
     """
     _exit_on_sigterm()
     state_dir = Path(tempfile.mkdtemp(prefix="otaflow-bench-"))
-    ports = dict(zip(PORT_SETTINGS, pick_free_ports(len(PORT_SETTINGS)), strict=True))
+    ports = pick_port_settings(BENCH_PORT_SETTINGS)
     sqlite_url = f"sqlite:///{state_dir / 'otaflow.db'}"
     bench = BenchStack(
         state_dir=state_dir,
         ports=ports,
-        settings=_build_settings(state_dir, ports, sqlite_url, **overrides),
+        settings=isolated_settings(state_dir, ports, sqlite_url, **overrides),
         overrides=dict(overrides),
     )
     stack = LocalStack(bench.settings)
