@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
 from temporalio import activity
 
-from activities.target_queries import count_wave
+from activities.target_queries import count_failures, count_wave
 from otaflow.db import dialect_insert, session_scope
 from otaflow.models import Release, ReleaseEvent, ReleaseWave, utc_now
 from workflows.messages import ReleaseRecord, ReleaseRequest, WaveSummary
@@ -40,11 +40,21 @@ class RecordActivities:
                 release.updated_at = now
                 release.targeted_devices = totals.targeted
                 release.succeeded_devices = totals.succeeded
-                release.failed_devices = totals.failed
+                release.failed_devices = count_failures(self._engine, record.release_id)
                 if record.final:
                     release.finished_at = now
                     release.outcome_reason = record.message
                 session.add(release)
+            if record.final:
+                # Waves the release never reached would otherwise read "planned".
+                session.execute(
+                    update(ReleaseWave)
+                    .where(
+                        col(ReleaseWave.release_id) == record.release_id,
+                        col(ReleaseWave.state) == "planned",
+                    )
+                    .values(state="not_started")
+                )
             if record.wave is not None:
                 _write_wave(session, record.release_id, record.wave, now)
             session.execute(

@@ -95,6 +95,20 @@ def _failure_samples(
     ]
 
 
+def count_failures(engine: Engine, release_id: str) -> int:
+    """Devices of the release that failed, including those rolled back since."""
+    query = select(func.count()).where(
+        TARGET.c.release_id == release_id,
+        (TARGET.c.state == DeviceState.FAILED.value)
+        | (
+            (TARGET.c.state == DeviceState.ROLLED_BACK.value)
+            & TARGET.c.reason.is_not(None)
+        ),
+    )
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
 def pending_device_ids(
     engine: Engine, release_id: str, wave_index: int, after_id: str, limit: int
 ) -> list[str]:

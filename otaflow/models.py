@@ -211,6 +211,18 @@ class ReleaseEvent(SQLModel, table=True):
     at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
 
 
+class ServiceHeartbeat(SQLModel, table=True):
+    """The last sign of life of a background service, such as the ingest.
+
+    The ingest beats only while it is connected and subscribed to the
+    broker, so a stale beat means device reports cannot reach the database.
+    """
+
+    name: str = Field(primary_key=True, max_length=64)
+    instance: str = Field(max_length=200)
+    beat_at: datetime = Field(sa_column=_timestamp())
+
+
 class AuditEntry(SQLModel, table=True):
     """Append-only record of who did what."""
 

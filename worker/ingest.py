@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from otaflow.db import make_engine
+from otaflow.heartbeats import INGEST, INGEST_BEAT_INTERVAL_S, record_heartbeat
 from otaflow.logs import configure_logging
 from otaflow.mqtt import service_tls_context
 from otaflow.pki import INGEST_IDENTITY
@@ -69,6 +70,7 @@ class StatusIngest:
         self._subscribed = threading.Event()
         self.stats = IngestStats()
         self._stats_written_at = 0.0
+        self._beat_at = -INGEST_BEAT_INTERVAL_S
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.ingest_client_id,
@@ -101,6 +103,7 @@ class StatusIngest:
                 if batch:
                     self._write_with_retry(batch)
                 self._publish_stats()
+                self._beat()
         finally:
             self._client.disconnect()
             self._client.loop_stop()
@@ -110,6 +113,24 @@ class StatusIngest:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _beat(self) -> None:
+        """Record in the database that reports can flow, every few seconds.
+
+        Only while subscribed: a disconnected ingest stops beating, which
+        tells the release workflow that missing reports prove nothing.
+        """
+        now = time.monotonic()
+        if (
+            not self._subscribed.is_set()
+            or now - self._beat_at < INGEST_BEAT_INTERVAL_S
+        ):
+            return
+        try:
+            record_heartbeat(self._engine, INGEST, self._settings.ingest_client_id)
+            self._beat_at = now
+        except SQLAlchemyError as error:
+            logger.error("cannot record the ingest heartbeat: %s", error)
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         return self._subscribed.wait(timeout_s)
@@ -156,6 +177,7 @@ class StatusIngest:
         reason: object,
         _properties: object,
     ) -> None:
+        self._subscribed.clear()
         if not self._stop.is_set():
             logger.warning("MQTT connection lost (%s); reconnecting", reason)
 

@@ -249,6 +249,16 @@ class ReleaseWorkflow:
             f"{sum(plan.wave_sizes)} devices in waves: {sizes}; {plan.skipped_offline}"
             f" offline left out, {plan.already_current} already on {request.version}",
         )
+        if sum(plan.wave_sizes) == 0 and plan.skipped_offline > 0:
+            # CI must not read "completed" when not one device was updated.
+            reason = (
+                f"no device to update: all {plan.skipped_offline} devices that need"
+                f" {request.version} are offline ({plan.already_current} already run"
+                " it); bring devices online and start the release again, or set"
+                " skip_offline: false in the policy"
+            )
+            await self._finish(ReleasePhase.FAILED, "plan", reason)
+            raise ApplicationError(reason, type="NoDeviceToUpdate", non_retryable=True)
 
     # --- Waves -----------------------------------------------------------------
 
@@ -488,6 +498,9 @@ class ReleaseWorkflow:
     ) -> ReleaseResult:
         self._reason = reason
         self._waiting_gate = None
+        for wave in self._waves:
+            if wave.state == "planned":
+                self._update_wave(wave.index, state="not_started")
         await self._enter(phase, stage, reason, final=True)
         # An update handler may still be writing its timeline entry.
         await workflow.wait_condition(workflow.all_handlers_finished)

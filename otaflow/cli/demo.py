@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
 from device_sim.boards import BOARDS
+from otaflow.cli.sim import FleetPaths
 from otaflow.db import make_engine
 from otaflow.devstack import LocalStack
 from otaflow.errors import OtaflowError
@@ -50,10 +51,14 @@ def demo(
         image = uboot_image(settings.cache_dir, board)
         typer.echo(f"      {image} ({image.stat().st_size:,} bytes)")
 
-        _step(3, f"starting {devices} simulated devices on {FACTORY_VERSION}")
-        lab_devices = _lab_devices(board)
         engine = make_engine(settings.resolved_database_url)
-        _start_fleet(devices, product, board, lab_devices)
+        fleet_pid = FleetPaths.of(settings, FLEET_NAME).running_pid()
+        if fleet_pid is None:
+            _step(3, f"starting {devices} simulated devices on {FACTORY_VERSION}")
+            _start_fleet(devices, product, board, _lab_devices(board))
+        else:
+            _step(3, f"fleet {FLEET_NAME!r} is already running (pid {fleet_pid})")
+            typer.echo("      its devices keep the versions they have installed")
         _wait_registered(engine, product, board, devices)
 
         version = _next_version(engine, product, board)
@@ -116,15 +121,6 @@ def _lab_devices(board: str) -> int:
 
 
 def _start_fleet(devices: int, product: str, board: str, lab_devices: int) -> None:
-    status = subprocess.run(
-        [sys.executable, "-m", "otaflow", "sim", "status"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if f"{FLEET_NAME} " in status.stdout or f"'{FLEET_NAME}'" in status.stdout:
-        typer.echo(f"      fleet {FLEET_NAME!r} is already running")
-        return
     code = _run_cli(
         "sim",
         "start",
@@ -219,7 +215,9 @@ def _print_links(settings: Settings, release_id: str) -> None:
     release_url = f"{settings.portal_url}/releases/{quote(release_id, safe=':')}"
     typer.echo(
         f"      portal:       {release_url}\n"
+        "                    (sign in after creating a user:"
+        " .venv/bin/otaflow users add admin --role admin)\n"
         f"      Temporal UI:  {workflow_url}\n"
-        f"      status:       otaflow release status {release_id}\n"
+        f"      status:       .venv/bin/otaflow release status {release_id}\n"
         "      the stack keeps running; 'make down' stops it"
     )

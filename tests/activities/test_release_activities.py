@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, delete, select
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -20,8 +21,9 @@ from activities.target_queries import count_wave, mark_dispatched
 from activities.targeting import TargetingActivities
 from activities.verification import VerificationActivities
 from otaflow.db import make_engine, session_scope
+from otaflow.heartbeats import INGEST, record_heartbeat
 from otaflow.manifest import FileSigningKey, TrustedKey, TrustStore, verify_manifest
-from otaflow.models import Device, Firmware, ReleaseTarget, utc_now
+from otaflow.models import Device, Firmware, ReleaseTarget, ServiceHeartbeat, utc_now
 from otaflow.settings import Settings
 from otaflow.storage import FirmwareStore, image_key, staging_key
 from tests.databases import migrated_database
@@ -371,14 +373,8 @@ async def test_plan_same_canary_for_every_release(engine: Engine, product: str) 
     assert canaries[0] == canaries[1]
 
 
-async def test_await_wave_fails_devices_past_deadline(
-    infra_stack: Settings, engine: Engine, product: str
-) -> None:
-    add_devices(engine, product, 3)
-    release_id = f"{product}:qemu_arm64:2.0.0"
-    await ActivityEnvironment().run(
-        TargetingActivities(engine).plan_waves, plan_input(product)
-    )
+def overdue_wave(engine: Engine, product: str, release_id: str) -> list[str]:
+    """Wave 0 dispatched 30 s ago, its first device succeeded, the other silent."""
     with Session(engine) as session:
         ids = list(
             session.exec(
@@ -394,6 +390,19 @@ async def test_await_wave_fails_devices_past_deadline(
         assert first is not None
         first.state, first.state_rank = "succeeded", 8
         session.add(first)
+    return ids
+
+
+async def test_await_wave_fails_devices_past_deadline(
+    infra_stack: Settings, engine: Engine, product: str
+) -> None:
+    add_devices(engine, product, 3)
+    release_id = f"{product}:qemu_arm64:2.0.0"
+    await ActivityEnvironment().run(
+        TargetingActivities(engine).plan_waves, plan_input(product)
+    )
+    overdue_wave(engine, product, release_id)
+    record_heartbeat(engine, INGEST, "test")
     settings = infra_stack.model_copy(update={"await_poll_interval_s": 0.05})
     counts = await ActivityEnvironment().run(
         MonitoringActivities(settings, engine).await_wave,
@@ -405,3 +414,33 @@ async def test_await_wave_fails_devices_past_deadline(
     assert counts.failure_reasons == {"deadline_exceeded": 1}
     assert [sample.reason for sample in counts.failure_samples] == ["deadline_exceeded"]
     assert counts.in_progress == 0
+
+
+async def test_await_wave_pauses_deadlines_while_ingest_is_down(
+    infra_stack: Settings, engine: Engine, product: str
+) -> None:
+    add_devices(engine, product, 3)
+    release_id = f"{product}:qemu_arm64:2.0.0"
+    await ActivityEnvironment().run(
+        TargetingActivities(engine).plan_waves, plan_input(product)
+    )
+    ids = overdue_wave(engine, product, release_id)
+    with session_scope(engine) as session:
+        session.exec(delete(ServiceHeartbeat))  # type: ignore[call-overload]
+    settings = infra_stack.model_copy(update={"await_poll_interval_s": 0.05})
+    waiting = asyncio.ensure_future(
+        ActivityEnvironment().run(
+            MonitoringActivities(settings, engine).await_wave,
+            AwaitWaveInput(release_id=release_id, wave_index=0, device_deadline_s=10),
+        )
+    )
+    await asyncio.sleep(1)
+    with Session(engine) as session:
+        silent = session.get(ReleaseTarget, (release_id, ids[1]))
+    assert not waiting.done()
+    assert silent is not None
+    assert silent.state == "dispatched"
+
+    record_heartbeat(engine, INGEST, "test")
+    counts = await asyncio.wait_for(waiting, 10)
+    assert counts.failure_reasons == {"deadline_exceeded": 1}

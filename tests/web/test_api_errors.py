@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
+from otaflow.db import session_scope
+from otaflow.heartbeats import INGEST, INGEST_STALE_AFTER_S, record_heartbeat
+from otaflow.models import ServiceHeartbeat, utc_now
 from otaflow.settings import Settings
 from web.app import create_app
 
@@ -138,3 +143,20 @@ def test_openapi_start_release_is_multipart(openapi: dict[str, Any]) -> None:
 
     assert schema["properties"]["image"]["format"] == "binary"
     assert set(schema["required"]) == {"image", "product", "hardware", "version"}
+
+
+def test_healthz_reports_live_ingest(client: TestClient, engine: Engine) -> None:
+    record_heartbeat(engine, INGEST, "test")
+    body = client.get("/healthz").json()
+    assert body["ingest"] == "live"
+    assert body["status"] == "ok"
+
+
+def test_healthz_reports_stale_ingest(client: TestClient, engine: Engine) -> None:
+    stale = utc_now() - timedelta(seconds=INGEST_STALE_AFTER_S + 60)
+    with session_scope(engine) as session:
+        session.merge(ServiceHeartbeat(name=INGEST, instance="test", beat_at=stale))
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["ingest"] == "stale"
+    assert response.json()["status"] == "degraded"

@@ -15,10 +15,17 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, func
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
 from otaflow.db import make_engine, session_scope
-from otaflow.models import BootLog, Device, DeviceEvent, ReleaseTarget
+from otaflow.heartbeats import INGEST, INGEST_STALE_AFTER_S, heartbeat_age_s
+from otaflow.models import (
+    BootLog,
+    Device,
+    DeviceEvent,
+    ReleaseTarget,
+    ServiceHeartbeat,
+)
 from otaflow.protocol import (
     Channel,
     DeviceState,
@@ -373,3 +380,15 @@ def test_ingest_rollback_keeps_failure_reason(
     assert row.state == DeviceState.ROLLED_BACK.value
     assert row.reason == "boot_failed"
     assert row.detail == "no banner"
+
+
+def test_ingest_beats_while_subscribed(
+    engine: Engine, ingest_settings: Settings
+) -> None:
+    with session_scope(engine) as session:
+        session.exec(delete(ServiceHeartbeat))  # type: ignore[call-overload]
+    with RunningIngest(ingest_settings, engine):
+        wait_until(lambda: heartbeat_age_s(engine, INGEST) is not None)
+    age = heartbeat_age_s(engine, INGEST)
+    assert age is not None
+    assert age < INGEST_STALE_AFTER_S

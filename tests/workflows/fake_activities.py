@@ -48,6 +48,7 @@ class ScriptedFleet:
     wave_counts: dict[int, WaveCounts] = field(default_factory=dict)
     counts_after_bake: dict[int, WaveCounts] = field(default_factory=dict)
     verify_error: str | None = None
+    skipped_offline: int = 0
     block_wave: int | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
     records: list[ReleaseRecord] = field(default_factory=list)
@@ -108,7 +109,9 @@ class ScriptedFleet:
     async def plan_waves(self, request: PlanWavesInput) -> WavePlan:
         self.calls.append(("plan_waves", request))
         return WavePlan(
-            wave_sizes=self.wave_sizes, skipped_offline=0, already_current=0
+            wave_sizes=self.wave_sizes,
+            skipped_offline=self.skipped_offline,
+            already_current=0,
         )
 
     @activity.defn(name="dispatch_wave")

@@ -434,3 +434,26 @@ async def test_progress_query_reports_waves(
     assert progress.sha256 == SHA
     assert [wave.planned for wave in progress.waves] == [3, 10, 37]
     assert progress.waves[0].state == "promoted"
+
+
+async def test_release_with_every_device_offline_fails(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    fleet = ScriptedFleet(wave_sizes=(0, 0, 0), skipped_offline=20)
+    async with started(time_skipping_env, fleet, policy()) as handle:
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+    assert "all 20 devices that need 2.0.0 are offline" in str(caught.value.cause)
+    assert fleet.called("dispatch_wave") == []
+    assert fleet.records[-1].phase is ReleasePhase.FAILED
+
+
+async def test_release_ended_early_marks_waves_not_started(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    failing = WaveCounts(targeted=3, failed=3, failure_reasons={"boot_failed": 3})
+    fleet = ScriptedFleet(wave_counts={0: failing})
+    async with started(time_skipping_env, fleet, policy()) as handle:
+        result = await handle.result()
+    states = [wave.state for wave in result.waves]
+    assert states == ["failed", "not_started", "not_started"]
