@@ -278,6 +278,7 @@ class ReleaseWorkflow:
             return True
         self._current_wave = index
 
+        gate_note = ""
         if stage.gate is GateMode.MANUAL:
             decision = await self._wait_for_gate(
                 index,
@@ -289,6 +290,7 @@ class ReleaseWorkflow:
                     ReleasePhase.REJECTED, decision.comment
                 )
                 return False
+            gate_note = f"; started after approval by {decision.actor}"
         await self._wait_while_paused()
 
         await self._dispatch(index, stage, signed, stored)
@@ -303,7 +305,7 @@ class ReleaseWorkflow:
                 index,
                 state="promoted",
                 decided_by="policy",
-                reason=f"{verdict.reason}, promoted automatically",
+                reason=f"{verdict.reason}, promoted automatically{gate_note}",
             )
             await self._record(
                 stage.name, self._waves[index].reason or "", wave_index=index
@@ -623,7 +625,8 @@ class ReleaseWorkflow:
         if approval.sha256 != self._request.sha256:
             raise ApplicationError(
                 f"the approval is for SHA-256 {approval.sha256}, but this release ships"
-                f" {self._request.sha256}; reload the release page and check the build"
+                f" {self._request.sha256}; check the build's SHA-256 with 'otaflow"
+                f" release status {self._request.release_id}' or on the release page"
             )
         if (
             self._request.policy.four_eyes

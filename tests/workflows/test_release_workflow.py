@@ -186,6 +186,7 @@ async def test_release_manual_gate_waits_for_approval(
         final = await handle.result()
     assert final.phase is ReleasePhase.COMPLETED
     assert fleet.called("dispatch_wave") == [0, 1, 2]
+    assert (final.waves[1].reason or "").endswith("started after approval by alice")
 
 
 async def test_approve_rejects_wrong_sha256(
@@ -202,6 +203,7 @@ async def test_approve_rejects_wrong_sha256(
         await handle.terminate()
     assert "cd" * 32 in str(caught.value.cause)
     assert SHA in str(caught.value.cause)
+    assert "'otaflow release status " in str(caught.value.cause)
 
 
 async def test_approve_rejects_the_starter_under_four_eyes(
