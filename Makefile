@@ -28,6 +28,7 @@ $(INSTALL_STAMP): pyproject.toml constraints.txt
 		|| { cat $(INSTALL_LOG); echo "error: pip install failed (log above)"; exit 1; }
 	@touch $@
 
+demo: SYSTEM_PACKAGES := --lab
 demo: setup
 	$(BIN)/otaflow demo
 

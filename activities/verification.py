@@ -70,20 +70,19 @@ class VerificationActivities:
             products = session.exec(
                 select(func.count()).where(Device.product == artifact.product)
             ).one()
-        if not devices:
-            known = (
-                "no device of that product is registered"
-                if not products
-                else (
-                    f"{products} devices of product {artifact.product} run other"
-                    " hardware"
-                )
+        if not products:
+            raise _invalid(
+                "product",
+                f"no registered device has product {artifact.product!r}; check the"
+                " product name or enroll devices",
             )
+        if not devices:
             raise _invalid(
                 "hardware",
                 f"no registered device of product {artifact.product!r} has hardware"
-                f" {artifact.hardware!r} ({known}); check the hardware name or"
-                " enroll devices",
+                f" {artifact.hardware!r} ({products} devices of product"
+                f" {artifact.product} run other hardware); check the hardware name"
+                " or enroll devices",
             )
         running = max(FirmwareVersion.parse(row[0]) for row in devices)
         on_running = sum(

@@ -17,6 +17,9 @@ library, so callers handle one family.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 
 class OtaflowError(Exception):
     """Base class of every error that otaflow raises on purpose."""
@@ -37,8 +40,52 @@ class InvalidInputError(OtaflowError):
         super().__init__(f"{field}: {message}")
 
 
+@dataclass(frozen=True)
+class PolicyProblem:
+    """One invalid field of a rollout policy, such as ``stages[1].percent``."""
+
+    field: str
+    value: object
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
 class PolicyError(InvalidInputError):
-    """A rollout policy is invalid."""
+    """A rollout policy is invalid.
+
+    ``problems`` lists every invalid field that was found; the first one
+    gives ``field`` and ``value``, and ``message`` has one line per problem,
+    each starting with its field. A policy that is not YAML, or not a
+    mapping, has no problems and a message of its own. ``source`` is the
+    policy's file, when it came from one.
+    """
+
+    def __init__(
+        self,
+        field: str,
+        value: object,
+        message: str,
+        *,
+        problems: Sequence[PolicyProblem] = (),
+        source: str | None = None,
+    ) -> None:
+        super().__init__(field, value, message)
+        self.problems = tuple(problems)
+        self.source = source
+
+    def __str__(self) -> str:
+        # The message names the invalid fields itself.
+        return f"{self.source or 'policy'}: {self.message}"
+
+    @classmethod
+    def from_problems(
+        cls, problems: Sequence[PolicyProblem], source: str | None = None
+    ) -> PolicyError:
+        first = problems[0]
+        message = "\n".join(str(problem) for problem in problems)
+        return cls(first.field, first.value, message, problems=problems, source=source)
 
 
 class ConflictError(OtaflowError):

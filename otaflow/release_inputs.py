@@ -20,6 +20,7 @@ MAX_SECURITY_VERSION = 2**31 - 1
 SHA256_HEX_DIGITS = frozenset("0123456789abcdef")
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+BINARY_SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,18 @@ def parse_release_draft(
     )
 
 
+def format_binary_size(size_bytes: int) -> str:
+    """A size in the largest binary unit that keeps it at 1 or more: ``64 MiB``."""
+    if size_bytes < 1024:
+        return f"{size_bytes} bytes"
+    size = float(size_bytes)
+    for unit in BINARY_SIZE_UNITS:
+        size /= 1024
+        if size < 1024 or unit == BINARY_SIZE_UNITS[-1]:
+            break
+    return f"{size:.3g} {unit}" if size < 1000 else f"{size:.0f} {unit}"
+
+
 def parse_sha256(field: str, text: str) -> str:
     """Normalise a hex SHA-256 to lowercase, raising ``InvalidInputError``."""
     digest = text.strip().lower()
@@ -131,4 +144,10 @@ def parse_policy(text: str | None, path: Path | None = None) -> RolloutPolicy:
         return load_policy(path=path, text=text)
     except PolicyError as error:
         field = "policy" if error.field == "policy" else f"policy.{error.field}"
-        raise PolicyError(field, error.value, error.message) from None
+        raise PolicyError(
+            field,
+            error.value,
+            error.message,
+            problems=error.problems,
+            source=error.source,
+        ) from None

@@ -5,7 +5,9 @@ uploaded image under its content-addressed staging key, records the Release
 row with a ``release.start`` audit entry, and then starts the release
 workflow with the release id as its workflow id. The id derives from product,
 hardware and version, so a CI job that retries its start reaches the same
-release instead of creating a second one.
+release instead of creating a second one. A retry must repeat the release's
+inputs (image, policy, security version, target groups, allow_downgrade);
+different inputs for the same version are a conflict.
 
 Blocking work (the database, the ``minio`` client) runs in worker threads, so
 the async methods can be awaited from an event loop.
@@ -83,6 +85,8 @@ from workflows.messages import (
     ReleaseResult,
     ResumeRequest,
 )
+from workflows.policy import RolloutPolicy
+from workflows.policy_errors import show_value
 
 logger = logging.getLogger(__name__)
 
@@ -245,17 +249,24 @@ class ReleaseService:
     ) -> StartedRelease:
         """Start the release of ``image``, or return the release already started.
 
-        Raises ``ConflictError`` when the release exists with another SHA-256.
-        Raises ``WorkflowServiceError`` or ``StorageError`` when Temporal or the
-        object store fails, and then leaves no Release row or staging object.
+        A release that failed verification starts again with the inputs of
+        this request. Any other existing release is returned as it is when the
+        request repeats its inputs; otherwise ``ConflictError`` names the
+        inputs that differ. Raises ``WorkflowServiceError`` or
+        ``StorageError`` when Temporal or the object store fails, and then
+        leaves no Release row or staging object.
         """
         if image.size_bytes == 0:
+            # The file name here is the server's temporary file, so it is not
+            # shown back.
             raise InvalidInputError(
-                "image", image.path.name, "the image is empty; upload the firmware file"
+                "image", None, "the image is empty (0 bytes); upload the firmware file"
             )
         sha256 = draft.declared_sha256 or image.sha256
+        request = _release_request(draft, image, sha256, actor)
         existing = await to_thread.run_sync(self.get_release, draft.release_id)
-        if existing is not None and not _needs_restart(existing, sha256):
+        if existing is not None and existing.state != ReleasePhase.FAILED:
+            await self._check_same_inputs(existing, request)
             logger.info(
                 "release %s already exists in phase %s; not starting it again",
                 existing.id,
@@ -263,14 +274,15 @@ class ReleaseService:
             )
             return StartedRelease(existing, created=False)
 
-        request = _release_request(draft, image, sha256, actor)
         await to_thread.run_sync(self._upload, request.staging_key, image.path)
         try:
             release, previous = await to_thread.run_sync(
                 self._record_start, request, existing
             )
         except _ConcurrentStartError:
-            return await to_thread.run_sync(self._settle_concurrent_start, request)
+            release = await to_thread.run_sync(self._settle_concurrent_start, request)
+            await self._check_same_inputs(release, request)
+            return StartedRelease(release, created=False)
 
         try:
             await self._start_workflow(request)
@@ -323,7 +335,8 @@ class ReleaseService:
         except IntegrityError as error:
             raise _ConcurrentStartError() from error
 
-    def _settle_concurrent_start(self, request: ReleaseRequest) -> StartedRelease:
+    def _settle_concurrent_start(self, request: ReleaseRequest) -> Release:
+        """Return the release that another request created first."""
         release = self.get_release(request.release_id)
         if release is None or release.staging_key != request.staging_key:
             self._delete_staging_object(request.staging_key)
@@ -332,8 +345,61 @@ class ReleaseService:
                 f"release {request.release_id} was changed by another request while"
                 " this one started it; retry the request"
             )
+        return release
+
+    async def _check_same_inputs(
+        self, release: Release, request: ReleaseRequest
+    ) -> None:
+        """Raise ``ConflictError`` unless ``request`` repeats the release's inputs.
+
+        The SHA-256, security version and policy are on the release row. The
+        target groups and allow_downgrade are read from the request that
+        started the release's workflow.
+        """
         _check_same_artifact(release, request.sha256)
-        return StartedRelease(release, created=False)
+        started = await self._started_request(release.id)
+        differences = _input_differences(release, started, request)
+        if differences:
+            stored = ", ".join(difference.stored for difference in differences)
+            requested = ", ".join(difference.requested for difference in differences)
+            raise ConflictError(
+                f"release {release.id} exists with {stored}; this request has"
+                f" {requested}; the inputs of a release cannot change, so publish"
+                " the build under a new version, and abort release"
+                f" {release.id} first if it should stop"
+            )
+
+    async def _started_request(self, release_id: str) -> ReleaseRequest | None:
+        """Read the request that started the latest workflow run of a release.
+
+        Returns None when Temporal has no such workflow (its start has not
+        happened yet, or its history was deleted after the retention period),
+        or when the stored request no longer decodes as a ``ReleaseRequest``.
+        """
+        client = await self._temporal.client()
+        handle = client.get_workflow_handle(release_id)
+        try:
+            async for event in handle.fetch_history_events(
+                page_size=1, rpc_timeout=timedelta(seconds=QUERY_TIMEOUT_S)
+            ):
+                attributes = event.workflow_execution_started_event_attributes
+                decoded = await client.data_converter.decode(
+                    attributes.input.payloads, [ReleaseRequest]
+                )
+                request: ReleaseRequest = decoded[0]
+                return request
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise self._temporal.unavailable(error) from error
+        except ValueError as error:
+            logger.warning(
+                "the start request of release %s does not decode (%s); comparing"
+                " only the inputs stored on its row",
+                release_id,
+                error,
+            )
+        return None
 
     async def _start_workflow(self, request: ReleaseRequest) -> None:
         client = await self._temporal.client()
@@ -535,17 +601,115 @@ class ReleaseService:
 # --- Row helpers ---------------------------------------------------------------
 
 
-def _needs_restart(release: Release, sha256: str) -> bool:
-    """Decide whether a start of an existing release begins a new run.
+@dataclass(frozen=True)
+class _InputDifference:
+    """One input of a release start, as stored and as requested again."""
 
-    A failed release (failed verification) starts again with whatever build
-    is uploaded now. Any other release returns as it is when the SHA-256
-    matches, and raises ``ConflictError`` when it does not.
+    stored: str
+    requested: str
+
+
+def _input_differences(
+    release: Release, started: ReleaseRequest | None, request: ReleaseRequest
+) -> list[_InputDifference]:
+    """List the inputs of ``request`` that differ from those of ``release``.
+
+    ``started`` is the request that started the release's workflow; without
+    it, target groups and allow_downgrade cannot be compared.
     """
-    if release.state == ReleasePhase.FAILED:
-        return True
-    _check_same_artifact(release, sha256)
-    return False
+    differences = []
+    stored_policy = _stored_policy(release)
+    if stored_policy is not None and stored_policy != request.policy:
+        differences.append(_policy_difference(stored_policy, request.policy))
+    if release.security_version != request.security_version:
+        differences.append(
+            _InputDifference(
+                f"security version {release.security_version}",
+                f"security version {request.security_version}",
+            )
+        )
+    if started is None:
+        return differences
+    if set(started.target_groups) != set(request.target_groups):
+        differences.append(
+            _InputDifference(
+                _describe_groups(started.target_groups),
+                _describe_groups(request.target_groups),
+            )
+        )
+    if started.allow_downgrade != request.allow_downgrade:
+        differences.append(
+            _InputDifference(
+                _describe_downgrade(started.allow_downgrade),
+                _describe_downgrade(request.allow_downgrade),
+            )
+        )
+    return differences
+
+
+def _stored_policy(release: Release) -> RolloutPolicy | None:
+    try:
+        return RolloutPolicy.model_validate_json(release.policy_json)
+    except ValueError as error:
+        logger.warning(
+            "the stored policy of release %s does not load (%s); not comparing it",
+            release.id,
+            error,
+        )
+        return None
+
+
+def _policy_difference(
+    stored: RolloutPolicy, requested: RolloutPolicy
+) -> _InputDifference:
+    if stored.name != requested.name:
+        return _InputDifference(f"policy {stored.name!r}", f"policy {requested.name!r}")
+    # Two versions of one policy file: name the first setting that changed.
+    found = _first_difference(
+        stored.model_dump(mode="json"), requested.model_dump(mode="json")
+    )
+    if found is None:
+        return _InputDifference(f"policy {stored.name!r}", "another version of it")
+    path, stored_value, requested_value = found
+    return _InputDifference(
+        f"policy {stored.name!r} with {path} {show_value(stored_value)}",
+        f"{path} {show_value(requested_value)}",
+    )
+
+
+def _first_difference(
+    stored: object, requested: object, path: str = ""
+) -> tuple[str, object, object] | None:
+    """The path and both values of the first leaf where two JSON values differ."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        keys = [*stored, *(key for key in requested if key not in stored)]
+        for key in keys:
+            child = f"{path}.{key}" if path else str(key)
+            found = _first_difference(stored.get(key), requested.get(key), child)
+            if found is not None:
+                return found
+        return None
+    if isinstance(stored, list) and isinstance(requested, list):
+        if len(stored) != len(requested):
+            return (f"number of {path}", len(stored), len(requested))
+        for index, (left, right) in enumerate(zip(stored, requested, strict=True)):
+            found = _first_difference(left, right, f"{path}[{index}]")
+            if found is not None:
+                return found
+        return None
+    if stored != requested:
+        return (path, stored, requested)
+    return None
+
+
+def _describe_groups(groups: tuple[str, ...]) -> str:
+    if not groups:
+        return "all device groups"
+    return "device groups " + ", ".join(sorted(groups))
+
+
+def _describe_downgrade(allowed: bool) -> str:
+    return "downgrade allowed" if allowed else "downgrade not allowed"
 
 
 def _check_same_artifact(release: Release, sha256: str) -> None:

@@ -30,7 +30,12 @@ USER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024
 LOGIN_WINDOW = timedelta(minutes=15)
-MAX_FAILED_LOGINS = 5
+# Failed sign-ins allowed within LOGIN_WINDOW. The limit per user name slows
+# password guessing against one account. The limit per client address is much
+# higher, because everyone behind one reverse proxy or NAT shares an address,
+# and five wrong passwords of one user must not lock all of them out.
+MAX_FAILED_LOGINS_PER_USER = 5
+MAX_FAILED_LOGINS_PER_ADDRESS = 50
 # Names and addresses are cut to the column width before they are counted.
 MAX_COUNTED_CHARS = 64
 
@@ -56,17 +61,30 @@ class Role(StrEnum):
 
 
 class LoginRateLimitedError(OtaflowError):
-    """Too many failed sign-ins for a user name or from a client address."""
+    """Too many failed sign-ins for a user name or from a client address.
 
-    def __init__(self, subject: str, retry_after_s: int) -> None:
+    ``user_name`` is set when the limit per user name was reached, and None
+    for the limit per address.
+    """
+
+    def __init__(
+        self, subject: str, limit: int, retry_after_s: int, user_name: str | None
+    ) -> None:
         self.subject = subject
         self.retry_after_s = retry_after_s
+        self.user_name = user_name
         minutes = max(1, -(-retry_after_s // 60))
+        wait = f"wait {minutes} minute{'s' if minutes != 1 else ''}"
+        if user_name is not None:
+            remedy = (
+                f"{wait}, or ask an admin to unlock the user on the portal's Users"
+                f" page or with 'otaflow users unlock {user_name}'"
+            )
+        else:
+            remedy = f"{wait} and try again"
         super().__init__(
-            f"too many failed sign-ins {subject} ({MAX_FAILED_LOGINS} within"
-            f" {LOGIN_WINDOW.seconds // 60} minutes); wait {minutes} minute"
-            f"{'s' if minutes != 1 else ''} and try again, or ask an admin to check"
-            " the account"
+            f"too many failed sign-ins {subject} ({limit} within"
+            f" {LOGIN_WINDOW.seconds // 60} minutes); {remedy}"
         )
 
 
@@ -204,6 +222,46 @@ def set_disabled(engine: Engine, user_id: int, disabled: bool, actor: str) -> Us
     return user
 
 
+def unlock_user(engine: Engine, name: str, actor: str) -> int:
+    """Clear the failed sign-ins of user ``name``; return how many were cleared.
+
+    This lifts the limit per user name at once. Raises ``NotFoundError`` for an
+    unknown user.
+    """
+    with session_scope(engine) as session:
+        user = _find_by_name(session, name.strip())
+        if user is None:
+            raise NotFoundError("user", name)
+        of_user = col(FailedLogin.username) == user.name
+        cleared = session.exec(
+            select(func.count()).select_from(FailedLogin).where(of_user)
+        ).one()
+        session.execute(delete(FailedLogin).where(of_user))
+        record_audit(
+            session,
+            actor,
+            "user.unlock",
+            user.name,
+            f"cleared {cleared} failed sign-ins",
+        )
+    logger.info(
+        "user %s unlocked by %s: %d failed sign-ins cleared", user.name, actor, cleared
+    )
+    return cleared
+
+
+def failed_login_counts(engine: Engine) -> dict[str, int]:
+    """Count the failed sign-ins within ``LOGIN_WINDOW`` by user name."""
+    since = utc_now() - LOGIN_WINDOW
+    with Session(engine) as session:
+        rows = session.exec(
+            select(FailedLogin.username, func.count())
+            .where(col(FailedLogin.at) >= since)
+            .group_by(col(FailedLogin.username))
+        ).all()
+    return {name: count for name, count in rows}
+
+
 def _find_by_name(session: Session, name: str) -> User | None:
     return session.exec(select(User).where(User.name == name)).first()
 
@@ -237,8 +295,9 @@ def authenticate(engine: Engine, login: LoginRequest) -> User | None:
     """Check a sign-in; return the user, or None for a wrong name or password.
 
     Raises ``LoginRateLimitedError``, before checking the password, when the
-    name or the client address had ``MAX_FAILED_LOGINS`` failures within
-    ``LOGIN_WINDOW``. A successful sign-in clears the name's failures.
+    name had ``MAX_FAILED_LOGINS_PER_USER`` failures within ``LOGIN_WINDOW``,
+    or the client address ``MAX_FAILED_LOGINS_PER_ADDRESS``. A successful
+    sign-in, or ``unlock_user``, clears the name's failures.
     """
     name = login.name.strip()[:MAX_COUNTED_CHARS]
     address = login.client_address[:MAX_COUNTED_CHARS]
@@ -284,20 +343,32 @@ def _password_failure(user: User | None, password: str) -> str | None:
 def _check_rate_limit(engine: Engine, name: str, address: str) -> None:
     now = utc_now()
     since = now - LOGIN_WINDOW
-    subjects = (
-        (col(FailedLogin.username) == name, f"for user {name!r}"),
-        (col(FailedLogin.client_address) == address, f"from address {address}"),
+    limits = (
+        (
+            col(FailedLogin.username) == name,
+            f"for user {name!r}",
+            MAX_FAILED_LOGINS_PER_USER,
+            # Only a valid name is offered in the unlock command of the message.
+            name if USER_NAME_RE.fullmatch(name) else None,
+        ),
+        (
+            col(FailedLogin.client_address) == address,
+            f"from address {address}",
+            MAX_FAILED_LOGINS_PER_ADDRESS,
+            None,
+        ),
     )
     with Session(engine) as session:
-        for condition, subject in subjects:
+        for condition, subject, limit, user_name in limits:
             count, oldest = session.exec(
                 select(func.count(), func.min(FailedLogin.at)).where(
                     condition, col(FailedLogin.at) >= since
                 )
             ).one()
-            if count >= MAX_FAILED_LOGINS:
+            if count >= limit:
                 _record_rate_limited(engine, name, address, subject)
-                raise LoginRateLimitedError(subject, _retry_after_s(oldest, now))
+                retry_after_s = _retry_after_s(oldest, now)
+                raise LoginRateLimitedError(subject, limit, retry_after_s, user_name)
 
 
 def _retry_after_s(oldest: datetime | None, now: datetime) -> int:

@@ -1,7 +1,8 @@
 """The otaflow web app: the CI REST API, ``/healthz`` and the portal.
 
-The REST API for CI is under ``/api/v1``; the release manager portal (HTML
-pages with htmx) has every other path, with its assets under ``/static``.
+The REST API for CI is under ``/api/v1``, with its reference at ``/docs``;
+the release manager portal (HTML pages with htmx) has every other path, with
+its assets under ``/static``.
 
 ``create_app`` builds one engine, one firmware store and one Temporal
 connection per app. The store and the Temporal client connect on first use,
@@ -16,11 +17,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from otaflow.db import make_engine
 from otaflow.releases import ReleaseService, TemporalConnector
 from otaflow.settings import Settings, load_settings
+from web import docs
 from web.api import devices, enrollment, firmware, health, releases
 from web.deps import AppResources
 from web.errors import install_error_handling
@@ -36,6 +39,7 @@ API_PREFIX = "/api/v1"
 # certificate instead of a CI bearer token.
 DEVICE_API_PREFIX = "/api/device/v1"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+FAVICON = STATIC_DIR / "favicon.ico"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -62,6 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Firmware release pipeline: start, follow and steer releases.",
         version="1",
         lifespan=lifespan,
+        # The default pages load Swagger UI and ReDoc from a CDN; web.docs
+        # serves Swagger UI from /static instead.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.resources = resources
     app.state.portal = Portal(
@@ -73,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handling(app)
     install_portal_error_pages(app)
     app.include_router(health.router)
+    app.include_router(docs.router)
+    app.add_api_route("/favicon.ico", favicon, include_in_schema=False)
     app.include_router(api_router())
     app.include_router(enrollment.router, prefix=DEVICE_API_PREFIX)
     app.include_router(portal_router())
@@ -86,3 +96,12 @@ def api_router() -> APIRouter:
     router.include_router(devices.router)
     router.include_router(firmware.router)
     return router
+
+
+def favicon() -> FileResponse:
+    """Serve the icon that browsers request at ``/favicon.ico`` on their own."""
+    return FileResponse(
+        FAVICON,
+        media_type="image/vnd.microsoft.icon",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )

@@ -1,7 +1,7 @@
 """FastAPI dependencies: the app's shared resources, token checks and paging.
 
-Routes take these as ``Annotated`` aliases (``SettingsDep``, ``WriteActor``)
-so that access checks stay out of the handlers.
+Routes take these as ``Annotated`` aliases (``SettingsDep``, ``WriteActor``,
+``ApproveActor``) so that access checks stay out of the handlers.
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ from sqlalchemy import Engine
 from otaflow.models import ApiToken
 from otaflow.releases import ReleaseService, TemporalConnector
 from otaflow.settings import Settings
-from otaflow.tokens import Scope, find_active_token
+from otaflow.tokens import Scope, find_active_token, granted_scopes
 from web.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
-# Each scope also grants the scopes listed for it, so a CI token created with
-# releases:write can follow the release it started.
-IMPLIED_SCOPES = {Scope.RELEASES_WRITE: {Scope.RELEASES_READ}}
 
 
 @dataclass(frozen=True)
@@ -104,11 +101,13 @@ def require_write(token: TokenDep) -> ApiToken:
     return _require_scope(token, Scope.RELEASES_WRITE)
 
 
+def require_approve(token: TokenDep) -> ApiToken:
+    return _require_scope(token, Scope.RELEASES_APPROVE)
+
+
 def _require_scope(token: ApiToken, scope: Scope) -> ApiToken:
-    granted = {held for held in Scope if held.value in token.scopes.split()}
-    for held in list(granted):
-        granted |= IMPLIED_SCOPES.get(held, set())
-    if scope not in granted:
+    """Return the token if it holds ``scope``, directly or implied by another."""
+    if scope not in granted_scopes(token.scopes):
         logger.info("token %s (id %s) lacks scope %s", token.name, token.id, scope)
         raise ApiError(
             403,
@@ -127,8 +126,13 @@ def get_write_actor(token: Annotated[ApiToken, Depends(require_write)]) -> str:
     return actor_of(token)
 
 
+def get_approve_actor(token: Annotated[ApiToken, Depends(require_approve)]) -> str:
+    return actor_of(token)
+
+
 ReadAccess = Depends(require_read)
 WriteActor = Annotated[str, Depends(get_write_actor)]
+ApproveActor = Annotated[str, Depends(get_approve_actor)]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from otaflow.errors import PolicyError
+from otaflow.errors import PolicyError, PolicyProblem
+from workflows.policy_errors import (
+    MAX_REPORTED_PROBLEMS,
+    describe_validation_errors,
+    describe_yaml_error,
+)
 
 DEFAULT_POLICY_RESOURCE = "default_policy.yaml"
 
@@ -69,22 +74,10 @@ class RolloutPolicy(BaseModel):
 
     @model_validator(mode="after")
     def _stages_expand(self) -> RolloutPolicy:
-        names: set[str] = set()
-        previous = 0.0
-        for index, stage in enumerate(self.stages):
-            if stage.name in names:
-                raise ValueError(
-                    f"stages[{index}].name: {stage.name!r} is used twice; give each"
-                    " stage its own name"
-                )
-            names.add(stage.name)
-            if stage.percent <= previous:
-                raise ValueError(
-                    f"stages[{index}].percent: {stage.percent:g} is not above the"
-                    f" previous stage's {previous:g}; percentages are cumulative and"
-                    " must increase"
-                )
-            previous = stage.percent
+        pairs = [(stage.name, stage.percent) for stage in self.stages]
+        problems = stage_order_problems(pairs)
+        if problems:
+            raise ValueError(str(problems[0]))
         return self
 
 
@@ -120,24 +113,35 @@ class _Defaults(BaseModel):
 class _PolicyInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "custom"
+    name: str = Field(default="custom", min_length=1, max_length=64)
     defaults: _Defaults = Field(default_factory=_Defaults)
-    stages: list[_StageInput]
-    seed: str = ""
+    stages: list[_StageInput] = Field(min_length=1)
+    seed: str = Field(default="", max_length=200)
     skip_offline: bool = True
     four_eyes: bool = True
     lab_devices_first: bool = False
     dispatch_rate_per_s: float | None = Field(default=None, gt=0)
 
 
-def resolve_policy(document: Any, source: str = "policy") -> RolloutPolicy:
+def resolve_policy(document: Any, source: str | None = None) -> RolloutPolicy:
     """Validate a parsed policy document and fill stage fields from the defaults.
 
-    Raises ``PolicyError`` naming the first invalid field, for example
-    ``stages[1].percent``.
+    Raises ``PolicyError`` listing every invalid field (up to
+    ``MAX_REPORTED_PROBLEMS``), for example ``stages[1].percent``. ``source``
+    names the policy's file in the error.
     """
+    problems: list[PolicyProblem] = []
+    raw = None
     try:
         raw = _PolicyInput.model_validate(document)
+    except ValidationError as error:
+        problems += describe_validation_errors(error, _PolicyInput)
+    if isinstance(document, dict) and isinstance(document.get("stages"), list):
+        problems += stage_order_problems(_names_and_percents(document["stages"]))
+    if problems or raw is None:
+        raise _policy_error(problems, source)
+
+    try:
         stages = [_resolve_stage(stage, raw.defaults) for stage in raw.stages]
         return RolloutPolicy(
             name=raw.name,
@@ -149,7 +153,8 @@ def resolve_policy(document: Any, source: str = "policy") -> RolloutPolicy:
             dispatch_rate_per_s=raw.dispatch_rate_per_s,
         )
     except ValidationError as error:
-        raise _policy_error(error, source) from None
+        problems = describe_validation_errors(error, RolloutPolicy)
+        raise _policy_error(problems, source) from None
 
 
 def _resolve_stage(stage: _StageInput, defaults: _Defaults) -> StagePolicy:
@@ -159,46 +164,123 @@ def _resolve_stage(stage: _StageInput, defaults: _Defaults) -> StagePolicy:
     )
 
 
-def _policy_error(error: ValidationError, source: str) -> PolicyError:
-    first = error.errors()[0]
-    field = ".".join(
-        f"[{part}]" if isinstance(part, int) else str(part) for part in first["loc"]
-    ).replace(".[", "[")
-    message = first["msg"].removeprefix("Value error, ")
-    if message.startswith(("stages[", "stages.")):
-        field, _, message = message.partition(": ")
-    value = first.get("input")
-    return PolicyError(
-        field or "policy", value, f"{message} (in {source}; see docs/rollout-policy.md)"
-    )
+def stage_order_problems(
+    stages: Sequence[tuple[object, object]],
+) -> list[PolicyProblem]:
+    """Find stage names used twice and percentages that do not increase.
+
+    ``stages`` holds each stage's name and percent as written. A name that is
+    not text, or a percent that is not a number from above 0 to 100, is left
+    to the field checks, which report it.
+    """
+    problems = []
+    names: set[str] = set()
+    previous = 0.0
+    for index, (name, percent) in enumerate(stages):
+        if isinstance(name, str) and name in names:
+            problems.append(
+                PolicyProblem(
+                    f"stages[{index}].name",
+                    name,
+                    f"{name!r} is used twice; give each stage its own name",
+                )
+            )
+        if isinstance(name, str):
+            names.add(name)
+        if not _is_valid_percent(percent):
+            continue
+        assert isinstance(percent, int | float)
+        if percent <= previous:
+            problems.append(
+                PolicyProblem(
+                    f"stages[{index}].percent",
+                    percent,
+                    f"{percent:g} is not above the previous stage's {previous:g};"
+                    " percentages are cumulative and must increase",
+                )
+            )
+        previous = percent
+    return problems
+
+
+def _is_valid_percent(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 < value <= 100
+
+
+def _names_and_percents(stages: list[Any]) -> list[tuple[object, object]]:
+    return [
+        (stage.get("name"), stage.get("percent"))
+        if isinstance(stage, dict)
+        else (None, None)
+        for stage in stages
+    ]
+
+
+def _policy_error(problems: list[PolicyProblem], source: str | None) -> PolicyError:
+    shown = problems[:MAX_REPORTED_PROBLEMS]
+    hidden = len(problems) - len(shown)
+    if hidden:
+        shown.append(PolicyProblem("policy", None, f"{hidden} more problems not shown"))
+    return PolicyError.from_problems(shown, source)
 
 
 def load_policy(path: Path | None = None, text: str | None = None) -> RolloutPolicy:
-    """Load a rollout policy from a YAML file or text; the default one if neither."""
+    """Load a rollout policy from a YAML file or text; the default one if neither.
+
+    ``path`` with ``text`` only names the text's file in errors.
+    """
     import yaml  # Imported here so that the workflow sandbox never loads it.
 
-    if text is None:
-        if path is None:
-            text = (
-                resources.files("workflows")
-                .joinpath(DEFAULT_POLICY_RESOURCE)
-                .read_text()
-            )
-            source = "the default policy"
-        else:
-            text = path.read_text()
-            source = str(path)
-    else:
-        source = str(path) if path else "policy text"
+    source = str(path) if path is not None else None
+    if text is None and path is None:
+        text = (
+            resources.files("workflows").joinpath(DEFAULT_POLICY_RESOURCE).read_text()
+        )
+        source = "the default policy"
+    elif text is None and path is not None:
+        text = read_policy_file(path)
     try:
-        document = yaml.safe_load(text)
+        document = yaml.safe_load(text or "")
     except yaml.YAMLError as error:
-        raise PolicyError("policy", source, f"invalid YAML: {error}") from None
+        raise PolicyError(
+            "policy", None, describe_yaml_error(error), source=source
+        ) from None
     if not isinstance(document, dict):
         raise PolicyError(
-            "policy", source, "expected a mapping with a 'stages' list at the top level"
+            "policy",
+            None,
+            "expected a mapping with a 'stages' list at the top level, such as"
+            " 'stages: [{name: all, percent: 100}]'",
+            source=source,
         )
     return resolve_policy(document, source)
+
+
+def read_policy_file(path: Path) -> str:
+    """Read a policy file as UTF-8 text, raising ``PolicyError`` when it is not."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PolicyError(
+            "policy",
+            str(path),
+            f"cannot read the file ({error.strerror}); check the path and its"
+            " permissions",
+            source=str(path),
+        ) from None
+    try:
+        # utf-8-sig also accepts the byte order mark that some editors write.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise PolicyError(
+            "policy",
+            str(path),
+            f"not UTF-8 text (byte 0x{data[error.start]:02x} at offset"
+            f" {error.start}); save the policy as UTF-8 YAML",
+            source=str(path),
+        ) from None
 
 
 def default_policy() -> RolloutPolicy:

@@ -8,7 +8,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from otaflow.devstack import SERVICE_NAMES, LocalStack, ServiceStatus
+from otaflow.cli.tables import echo_table
+from otaflow.devstack import SERVICE_NAMES, LocalStack, ServiceState, ServiceStatus
 from otaflow.errors import StackError
 from otaflow.settings import Settings, load_settings
 
@@ -43,8 +44,9 @@ def up(
         stack.up(service or None)
     except StackError as error:
         _exit_with_error(error)
-    _print_table(stack.status())
-    _print_links(stack.settings)
+    statuses = stack.status()
+    _print_table(statuses)
+    _print_links(stack.settings, statuses)
 
 
 @app.command()
@@ -66,14 +68,20 @@ def status(
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
 ) -> None:
-    """Print each service's state, process id, ports and URL."""
+    """Print each service's state, process id, ports and URL.
+
+    Exits 0 when every service is running, and 1 otherwise.
+    """
     stack = LocalStack(load_settings())
     statuses = stack.status()
     if as_json:
         typer.echo(json.dumps([_status_fields(item) for item in statuses], indent=2))
-        return
-    _print_table(statuses)
-    _print_links(stack.settings)
+    else:
+        _print_table(statuses)
+        _print_links(stack.settings, statuses)
+    not_running = [item for item in statuses if item.state != ServiceState.RUNNING]
+    if not_running:
+        _exit_not_running(stack.settings, not_running)
 
 
 def _status_fields(status: ServiceStatus) -> dict[str, object]:
@@ -87,8 +95,7 @@ def _status_fields(status: ServiceStatus) -> dict[str, object]:
 
 
 def _print_table(statuses: list[ServiceStatus]) -> None:
-    header = ("SERVICE", "STATE", "PID", "PORTS", "URL")
-    rows = [header] + [
+    rows = [
         (
             item.name,
             item.state.value,
@@ -98,17 +105,33 @@ def _print_table(statuses: list[ServiceStatus]) -> None:
         )
         for item in statuses
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-        typer.echo("  ".join(cells).rstrip())
+    echo_table(("SERVICE", "STATE", "PID", "PORTS", "URL"), rows)
 
 
-def _print_links(settings: Settings) -> None:
-    typer.echo("")
-    typer.echo(f"Portal:        {settings.portal_url}")
-    typer.echo(f"Temporal UI:   {settings.temporal_ui_base_url}")
-    typer.echo(f"CLI API token: {settings.cli_token_file}")
+def _print_links(settings: Settings, statuses: list[ServiceStatus]) -> None:
+    """Print the URLs to open, but only of services that are running."""
+    running = {item.name for item in statuses if item.state == ServiceState.RUNNING}
+    links = []
+    if "web" in running:
+        links.append(f"Portal:        {settings.portal_url}")
+    if "temporal" in running:
+        links.append(f"Temporal UI:   {settings.temporal_ui_base_url}")
+    if settings.cli_token_file.exists():
+        links.append(f"CLI API token: {settings.cli_token_file}")
+    if links:
+        typer.echo("")
+    for link in links:
+        typer.echo(link)
+
+
+def _exit_not_running(settings: Settings, not_running: list[ServiceStatus]) -> NoReturn:
+    names = ", ".join(f"{item.name} ({item.state.value})" for item in not_running)
+    typer.echo(
+        f"error: not running: {names}; run 'otaflow dev up'; the logs are in"
+        f" {settings.log_dir}/<service>.log",
+        err=True,
+    )
+    raise typer.Exit(code=1)
 
 
 def _exit_with_error(error: StackError) -> NoReturn:

@@ -3,10 +3,13 @@
 Exit codes:
 
 - 0: success, and with --wait the release completed.
-- 1: any other error, such as an unreachable API or a rejected action.
-- 2: invalid input, found locally or by the API.
+- 1: any other error, such as an unreachable API, or --wait-timeout passed.
+- 2: invalid input, found locally or by the API, or a request that conflicts
+  with stored state (HTTP 409): a version started before with other inputs,
+  or an action that the release rejects in its current state.
 - 3: with --wait, the release was rolled back.
 - 4: with --wait, the release failed verification, was rejected or was aborted.
+- 130: with --wait, interrupted by Ctrl-C; the release continues.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,9 +36,16 @@ from otaflow.apiclient import (
     ReleaseUpload,
     api_client_from_settings,
 )
-from otaflow.errors import InvalidInputError
-from otaflow.release_inputs import ReleaseDraft, parse_release_draft, parse_sha256
+from otaflow.cli.tables import echo_table
+from otaflow.errors import InvalidInputError, PolicyError
+from otaflow.release_inputs import (
+    ReleaseDraft,
+    format_binary_size,
+    parse_release_draft,
+    parse_sha256,
+)
 from otaflow.settings import load_settings
+from workflows.policy import read_policy_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +68,14 @@ OPTION_NAMES = {
     "policy": "--policy",
     "target_groups": "--group",
     "allow_downgrade": "--allow-downgrade",
+    "wait_timeout": "--wait-timeout",
 }
-INVALID_INPUT_STATUSES = frozenset({413, 422})
+# Options whose value is a file; their errors name the file after the option.
+FILE_FIELDS = frozenset({"image", "policy"})
+# 409 means the request conflicts with stored state, which only another
+# request can change, so a retry of the same request never helps.
+INVALID_INPUT_STATUSES = frozenset({409, 413, 422})
+POLICY_DOCS = "docs/rollout-policy.md"
 
 
 class ExitCode(IntEnum):
@@ -67,6 +84,7 @@ class ExitCode(IntEnum):
     INVALID_INPUT = 2
     ROLLED_BACK = 3
     FAILED = 4
+    INTERRUPTED = 130
 
 
 EXIT_CODES_BY_PHASE = {
@@ -76,6 +94,13 @@ EXIT_CODES_BY_PHASE = {
     "rejected": ExitCode.FAILED,
     "aborted": ExitCode.FAILED,
 }
+
+ReleaseIdArgument = Annotated[
+    str, typer.Argument(metavar="ID", help="Release id, such as gw:r2:1.4.0.")
+]
+CommentOption = Annotated[
+    str, typer.Option(metavar="TEXT", help="Note for the audit log.")
+]
 
 
 @contextmanager
@@ -102,57 +127,112 @@ def _fail(code: ExitCode, message: str) -> None:
 
 
 def _describe_invalid_input(error: InvalidInputError) -> str:
-    field = error.field.split(".")[0]
-    option = OPTION_NAMES.get(field, error.field)
-    if error.field.startswith("policy."):
-        option = f"{option} ({error.field.removeprefix('policy.')})"
+    if isinstance(error, PolicyError):
+        return _describe_policy_error(error)
+    option = OPTION_NAMES.get(error.field, error.field)
+    if error.field in FILE_FIELDS:
+        return f"{option} {error.value}: {error.message}"
     message = error.message
-    if error.value is not None and repr(error.value) not in message:
-        message = f"{message} (got {error.value!r})"
+    if error.value is not None and str(error.value) not in message:
+        message = f"{message} (got {error.value})"
     return f"{option}: {message}"
+
+
+def _describe_policy_error(error: PolicyError) -> str:
+    """Name the policy file, then each problem; several go on lines of their own."""
+    option = "--policy" if error.source is None else f"--policy {error.source}"
+    if not error.problems:
+        return f"{option}: {error.message}"
+    if len(error.problems) == 1:
+        return f"{option}: {error.problems[0]} (see {POLICY_DOCS})"
+    lines = [f"{option}: {len(error.problems)} problems (see {POLICY_DOCS}):"]
+    lines += [f"  {problem}" for problem in error.problems]
+    return "\n".join(lines)
 
 
 def _describe_api_error(error: ApiError) -> str:
     if error.field is None:
         return f"{error.message} (HTTP {error.status_code})"
     option = OPTION_NAMES.get(error.field.split(".")[0], error.field)
-    value = f" {error.value!r}" if error.value is not None else ""
+    value = f" {error.value}" if error.value is not None else ""
     return f"{option}{value}: {error.message} (HTTP {error.status_code})"
 
 
 # --- start ---------------------------------------------------------------------
 
 
+WAIT_HELP = (
+    "Follow the release until it ends, then exit 0 when it completed, 3 when it"
+    " rolled back, 4 when it failed, was rejected or was aborted, 2 for invalid"
+    " input or a conflict with stored state, 1 for any other error, and 130"
+    " when interrupted with Ctrl-C, which leaves the release running."
+)
+
+
 @app.command()
 def start(
-    image: Annotated[Path, typer.Option(help="Firmware image file to release.")],
-    product: Annotated[str, typer.Option(help="Product name, such as gateway.")],
-    hardware: Annotated[str, typer.Option(help="Hardware model, such as gw-r2.")],
-    version: Annotated[str, typer.Option(help="Semantic version, such as 1.4.0.")],
+    image: Annotated[
+        Path, typer.Option(metavar="FILE", help="Firmware image file to release.")
+    ],
+    product: Annotated[
+        str, typer.Option(metavar="NAME", help="Product name, such as gateway.")
+    ],
+    hardware: Annotated[
+        str, typer.Option(metavar="NAME", help="Hardware model, such as gw-r2.")
+    ],
+    version: Annotated[
+        str, typer.Option(metavar="VERSION", help="Semantic version, such as 1.4.0.")
+    ],
     security_version: Annotated[
-        str, typer.Option(help="Anti-rollback counter, a whole number.")
-    ] = "0",
+        int,
+        typer.Option(
+            metavar="N",
+            help="Anti-rollback counter: a whole number that never decreases.",
+        ),
+    ] = 0,
     sha256: Annotated[
-        str | None, typer.Option(help="SHA-256 that CI computed for the image.")
+        str | None,
+        typer.Option(metavar="HEX", help="SHA-256 that CI computed for the image."),
     ] = None,
     policy: Annotated[
-        Path | None, typer.Option(help="Rollout policy YAML file; default policy.")
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Rollout policy YAML file; default: the default policy.",
+        ),
     ] = None,
     group: Annotated[
-        list[str] | None, typer.Option(help="Device group to update; repeatable.")
+        list[str] | None,
+        typer.Option(
+            metavar="GROUP", help="Device group to update; repeat for several."
+        ),
     ] = None,
     allow_downgrade: Annotated[
-        bool, typer.Option(help="Allow a version older than the fleet runs.")
+        bool,
+        typer.Option(
+            "--allow-downgrade", help="Allow a version older than the fleet runs."
+        ),
     ] = False,
-    wait: Annotated[
-        bool, typer.Option(help="Follow the release until it ends; see exit codes.")
-    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0,
+            help="With --wait, stop waiting after this many seconds and exit 1;"
+            " the release continues. Default: no limit.",
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of text.")
     ] = False,
 ) -> None:
     """Upload an image and start its release; print the release id."""
     with _exit_on_error():
+        if wait_timeout is not None and not wait:
+            raise InvalidInputError(
+                "wait_timeout", wait_timeout, "only applies with --wait; add --wait"
+            )
         draft, policy_text = _validate_start(
             image, product, hardware, version, security_version, sha256, policy, group
         )
@@ -170,10 +250,13 @@ def start(
             # A cheap authenticated call first, so a bad token or URL fails
             # before the image is sent.
             client.list_releases(limit=1)
-            started = client.start_release(image, upload)
+            started = _upload(client, image, upload)
             typer.echo(json.dumps(started) if json_output else started["release_id"])
             if wait:
-                raise typer.Exit(_follow(client, started["release_id"], json_output))
+                exit_code = _wait(
+                    client, started["release_id"], json_output, wait_timeout
+                )
+                raise typer.Exit(exit_code)
 
 
 def _validate_start(
@@ -181,17 +264,21 @@ def _validate_start(
     product: str,
     hardware: str,
     version: str,
-    security_version: str,
+    security_version: int,
     sha256: str | None,
     policy: Path | None,
     groups: list[str] | None,
 ) -> tuple[ReleaseDraft, str | None]:
     """Check the options locally; return the draft and the policy file's text."""
-    _check_readable_file("image", image)
+    _check_input_file("image", image)
+    if image.stat().st_size == 0:
+        raise InvalidInputError(
+            "image", str(image), "the file is empty; check that the build wrote it"
+        )
     policy_text = None
     if policy is not None:
-        _check_readable_file("policy", policy)
-        policy_text = policy.read_text()
+        _check_input_file("policy", policy)
+        policy_text = read_policy_file(policy)
     draft = parse_release_draft(
         product=product,
         hardware=hardware,
@@ -205,22 +292,95 @@ def _validate_start(
     return draft, policy_text
 
 
-def _check_readable_file(field: str, path: Path) -> None:
-    if not path.is_file():
+def _check_input_file(field: str, path: Path) -> None:
+    """Raise ``InvalidInputError`` unless ``path`` is a readable regular file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
         raise InvalidInputError(
-            field, str(path), f"no such file: {str(path)!r}; check the path"
+            field, str(path), "no such file; check the path"
+        ) from None
+    except OSError as error:
+        raise InvalidInputError(
+            field,
+            str(path),
+            f"cannot read it ({error.strerror}); check the path and its permissions",
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise InvalidInputError(
+            field, str(path), "is a directory; give the path of a file"
+        )
+    if not stat.S_ISREG(mode):
+        raise InvalidInputError(
+            field,
+            str(path),
+            "is not a regular file (it is a device, pipe or socket); give the path"
+            " of a file",
         )
     if not os.access(path, os.R_OK):
         raise InvalidInputError(
-            field, str(path), f"{str(path)!r} is not readable; check its permissions"
+            field, str(path), "is not readable; check its permissions"
         )
 
 
-def _follow(client: OtaflowApiClient, release_id: str, json_output: bool) -> ExitCode:
+def _upload(
+    client: OtaflowApiClient, image: Path, upload: ReleaseUpload
+) -> dict[str, Any]:
+    """Start the release, naming the image's own size when the API rejects it."""
+    try:
+        return client.start_release(image, upload)
+    except ApiError as error:
+        if error.status_code != 413:
+            raise
+        size = format_binary_size(image.stat().st_size)
+        raise InvalidInputError(
+            "image", f"{image} ({size})", f"{error.message} (HTTP 413)"
+        ) from None
+
+
+def _wait(
+    client: OtaflowApiClient,
+    release_id: str,
+    json_output: bool,
+    timeout_s: float | None,
+) -> ExitCode:
+    """Follow the release; on Ctrl-C or timeout, say how to follow it later."""
+    follow_hint = f"follow it with 'otaflow release status {release_id}'"
+    try:
+        return _follow(client, release_id, json_output, timeout_s)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\ninterrupted: stopped waiting, but release {release_id} continues;"
+            f" {follow_hint}",
+            err=True,
+        )
+        return ExitCode.INTERRUPTED
+    except _WaitTimeoutError:
+        assert timeout_s is not None
+        typer.echo(
+            f"error: release {release_id} did not end within {timeout_s:g} s"
+            f" (--wait-timeout); it continues; {follow_hint}",
+            err=True,
+        )
+        return ExitCode.ERROR
+
+
+class _WaitTimeoutError(Exception):
+    """--wait-timeout passed before the release ended."""
+
+
+def _follow(
+    client: OtaflowApiClient,
+    release_id: str,
+    json_output: bool,
+    timeout_s: float | None = None,
+) -> ExitCode:
     """Poll the release until it ends, printing a line whenever its progress changes.
 
     With --json the lines go to stderr and the final release to stdout.
+    Raises ``_WaitTimeoutError`` once ``timeout_s`` has passed.
     """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_line = None
     unreachable_polls = 0
     while True:
@@ -231,7 +391,7 @@ def _follow(client: OtaflowApiClient, release_id: str, json_output: bool) -> Exi
             if unreachable_polls >= MAX_UNREACHABLE_POLLS:
                 raise
             typer.echo(f"warning: {error}; retrying", err=True)
-            time.sleep(WAIT_POLL_INTERVAL_S)
+            _sleep_until_next_poll(deadline)
             continue
         unreachable_polls = 0
         line = _progress_line(detail)
@@ -243,7 +403,17 @@ def _follow(client: OtaflowApiClient, release_id: str, json_output: bool) -> Exi
             if json_output:
                 typer.echo(json.dumps(detail))
             return exit_code
+        _sleep_until_next_poll(deadline)
+
+
+def _sleep_until_next_poll(deadline: float | None) -> None:
+    if deadline is None:
         time.sleep(WAIT_POLL_INTERVAL_S)
+        return
+    remaining_s = deadline - time.monotonic()
+    if remaining_s <= 0:
+        raise _WaitTimeoutError()
+    time.sleep(min(WAIT_POLL_INTERVAL_S, remaining_s))
 
 
 def _progress_line(detail: dict[str, Any]) -> str:
@@ -280,7 +450,7 @@ def _current_wave(detail: dict[str, Any]) -> dict[str, Any] | None:
 
 @app.command()
 def status(
-    release_id: Annotated[str, typer.Argument(help="Release id, such as gw:r2:1.4.0.")],
+    release_id: ReleaseIdArgument,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of text.")
     ] = False,
@@ -319,10 +489,18 @@ def _status_lines(detail: dict[str, Any]) -> Iterator[str]:
 @app.command("list")
 def list_releases(
     state: Annotated[
-        str | None, typer.Option(help="Only releases in this phase.")
+        str | None,
+        typer.Option(
+            metavar="PHASE",
+            help="Only releases in this phase, such as running or completed.",
+        ),
     ] = None,
-    product: Annotated[str | None, typer.Option(help="Only this product.")] = None,
-    limit: Annotated[int, typer.Option(help="Maximum releases to show.")] = 20,
+    product: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Only this product.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(metavar="N", help="Maximum releases to show.")
+    ] = 20,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of text.")
     ] = False,
@@ -333,19 +511,33 @@ def list_releases(
     if json_output:
         typer.echo(json.dumps(page, indent=2))
         return
-    for release in page["items"]:
-        typer.echo(
-            f"{release['release_id']}  {release['phase']}  {release['created_at']}"
-            f"  {release['succeeded_devices']}/{release['targeted_devices']} succeeded"
+    rows = [
+        (
+            release["release_id"],
+            release["phase"],
+            _short_time(release["created_at"]),
+            f"{release['succeeded_devices']}/{release['targeted_devices']}",
+            str(release["failed_devices"]),
         )
+        for release in page["items"]
+    ]
+    echo_table(("RELEASE", "PHASE", "CREATED (UTC)", "SUCCEEDED", "FAILED"), rows)
     if page["total"] > len(page["items"]):
         typer.echo(f"({len(page['items'])} of {page['total']}; raise --limit)")
 
 
+def _short_time(timestamp: str) -> str:
+    """``2026-12-04T09:15:02.123+00:00`` to ``2026-12-04 09:15``, in UTC."""
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return timestamp
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment:%Y-%m-%d %H:%M}"
+
+
 # --- actions -------------------------------------------------------------------
-
-
-ReleaseIdArgument = Annotated[str, typer.Argument(help="Release id.")]
 
 
 def _act(release_id: str, action: str, body: dict[str, Any] | None = None) -> None:
@@ -358,9 +550,12 @@ def _act(release_id: str, action: str, body: dict[str, Any] | None = None) -> No
 def approve(
     release_id: ReleaseIdArgument,
     sha256: Annotated[
-        str, typer.Option(help="SHA-256 of the artifact you approve, 64 hex digits.")
+        str,
+        typer.Option(
+            metavar="HEX", help="SHA-256 of the artifact you approve, 64 hex digits."
+        ),
     ],
-    comment: Annotated[str, typer.Option(help="Note for the audit log.")] = "",
+    comment: CommentOption = "",
 ) -> None:
     """Approve the gate that waits for a decision."""
     with _exit_on_error():
@@ -371,7 +566,9 @@ def approve(
 @app.command()
 def reject(
     release_id: ReleaseIdArgument,
-    comment: Annotated[str, typer.Option(help="Why the release is rejected.")],
+    comment: Annotated[
+        str, typer.Option(metavar="TEXT", help="Why the release is rejected.")
+    ],
 ) -> None:
     """Reject the waiting gate; devices that installed the release roll back."""
     _act(release_id, "reject", {"comment": comment})
@@ -380,7 +577,7 @@ def reject(
 @app.command()
 def pause(
     release_id: ReleaseIdArgument,
-    comment: Annotated[str, typer.Option(help="Note for the audit log.")] = "",
+    comment: CommentOption = "",
 ) -> None:
     """Pause the release before its next wave."""
     _act(release_id, "pause", {"comment": comment})
@@ -395,9 +592,12 @@ def resume(release_id: ReleaseIdArgument) -> None:
 @app.command()
 def abort(
     release_id: ReleaseIdArgument,
-    comment: Annotated[str, typer.Option(help="Why the release is aborted.")],
+    comment: Annotated[
+        str, typer.Option(metavar="TEXT", help="Why the release is aborted.")
+    ],
     roll_back: Annotated[
-        bool, typer.Option(help="Also roll back devices that installed it.")
+        bool,
+        typer.Option("--roll-back", help="Also roll back devices that installed it."),
     ] = False,
 ) -> None:
     """Abort the release; devices mid-install are cancelled."""

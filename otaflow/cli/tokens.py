@@ -16,7 +16,8 @@ import typer
 from sqlmodel import Session, col, select
 
 from otaflow.cli.database import open_database
-from otaflow.errors import InvalidInputError
+from otaflow.cli.tables import echo_table
+from otaflow.errors import ConflictError, InvalidInputError
 from otaflow.models import ApiToken
 from otaflow.settings import load_settings
 from otaflow.tokens import create_api_token, parse_scopes, revoke_api_token
@@ -39,10 +40,21 @@ def _administrator() -> str:
 
 @app.command()
 def create(
-    name: Annotated[str, typer.Argument(help="Token name, such as the CI job's.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Token name, such as the CI job's: 1 to 64 lowercase letters,"
+            " digits, '.', '_' or '-'. No two active tokens share a name."
+        ),
+    ],
     scope: Annotated[
         list[str],
-        typer.Option(help="releases:read or releases:write (which includes read)."),
+        typer.Option(
+            help="releases:read; releases:write (start, pause, resume, abort;"
+            " includes read); or releases:approve (approve and reject gates;"
+            " includes read), for a person or an approval system rather than"
+            " the CI job that starts releases. Repeat for several."
+        ),
     ],
     save: Annotated[
         bool,
@@ -57,6 +69,9 @@ def create(
             token = create_api_token(engine, name, scopes, _administrator())
     except InvalidInputError as error:
         raise _invalid(error) from None
+    except ConflictError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(token)
     typer.echo("Store the token now; otaflow keeps only its hash.", err=True)
     if save:
@@ -85,13 +100,19 @@ def list_tokens(
             )
         )
         return
-    for row in rows:
-        state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
-        used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
-        typer.echo(
-            f"{row.id}  {row.name}  {row.scopes}  {state}  last used {used}"
-            f"  created by {row.created_by}"
+    table = [
+        (
+            str(row.id),
+            row.name,
+            row.scopes,
+            f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active",
+            f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never",
+            row.created_by,
         )
+        for row in rows
+    ]
+    header = ("ID", "NAME", "SCOPES", "STATE", "LAST USED (UTC)", "CREATED BY")
+    echo_table(header, table)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`otaflow users`: add and list the portal's users.
+"""`otaflow users`: add, list and unlock the portal's users.
 
 These commands act on the database directly, so run them on the server host,
 with the same OTAFLOW_DATABASE_URL as the web app. Use them to create the
@@ -15,11 +15,21 @@ from typing import Annotated
 import typer
 
 from otaflow.cli.database import open_database
-from otaflow.errors import ConflictError, InvalidInputError
+from otaflow.cli.tables import echo_table
+from otaflow.errors import ConflictError, InvalidInputError, NotFoundError
 from otaflow.settings import load_settings
-from otaflow.users import Role, check_password, create_user, list_users, parse_role
+from otaflow.users import (
+    LOGIN_WINDOW,
+    MAX_FAILED_LOGINS_PER_USER,
+    Role,
+    check_password,
+    create_user,
+    list_users,
+    parse_role,
+    unlock_user,
+)
 
-app = typer.Typer(no_args_is_help=True, help="Add and list the portal's users.")
+app = typer.Typer(no_args_is_help=True, help="Add, list and unlock the portal's users.")
 
 
 def _administrator() -> str:
@@ -30,6 +40,14 @@ def _read_password(from_stdin: bool) -> str:
     """Read the new password from stdin's first line, or prompt for it twice."""
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        typer.echo(
+            "error: standard input is not a terminal, so the password cannot be"
+            " prompted for; pass --password-stdin and write the password to"
+            " standard input",
+            err=True,
+        )
+        raise typer.Exit(2)
     first = getpass.getpass("Password: ")
     second = getpass.getpass("Password again: ")
     if first != second:
@@ -40,7 +58,9 @@ def _read_password(from_stdin: bool) -> str:
 
 @app.command()
 def add(
-    name: Annotated[str, typer.Argument(help="User name, such as 'alice'.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="User name, such as 'alice'.")
+    ],
     role: Annotated[
         str,
         typer.Option(help="viewer, release_manager or admin."),
@@ -83,7 +103,41 @@ def list_command(
         ]
         typer.echo(json.dumps(rows, indent=2))
         return
-    for user in users:
-        state = "disabled" if user.disabled else "active"
-        seen = f"{user.last_login_at:%Y-%m-%d %H:%M}" if user.last_login_at else "never"
-        typer.echo(f"{user.id}  {user.name}  {user.role}  {state}  last sign-in {seen}")
+    table = [
+        (
+            str(user.id),
+            user.name,
+            user.role,
+            "disabled" if user.disabled else "active",
+            f"{user.last_login_at:%Y-%m-%d %H:%M}" if user.last_login_at else "never",
+        )
+        for user in users
+    ]
+    echo_table(("ID", "NAME", "ROLE", "STATE", "LAST SIGN-IN (UTC)"), table)
+
+
+UNLOCK_HELP = (
+    "Clear a user's failed sign-ins, so that the sign-in limit stops rejecting"
+    f" them. After {MAX_FAILED_LOGINS_PER_USER} failed sign-ins within"
+    f" {int(LOGIN_WINDOW.total_seconds()) // 60} minutes, the portal rejects"
+    " sign-ins as that user until the oldest failure is older than that. The"
+    " unlock is written to the audit log."
+)
+
+
+@app.command(help=UNLOCK_HELP)
+def unlock(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="User name, such as 'alice'.")
+    ],
+) -> None:
+    try:
+        with open_database(load_settings()) as engine:
+            cleared = unlock_user(engine, name, _administrator())
+    except NotFoundError:
+        typer.echo(
+            f"error: no user is named {name!r}; list them with 'otaflow users list'",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    typer.echo(f"unlocked user {name.strip()}: cleared {cleared} failed sign-ins")

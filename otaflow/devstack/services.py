@@ -95,6 +95,18 @@ class PortBinding:
             f" {self.variable} to at most {MAX_PORT - self.offset}"
         )
 
+    def shared_message(self, other: PortBinding) -> str:
+        return (
+            f"port {self.port} is both {other.describe()} and {self.describe()};"
+            f" give {self.variable} a port of its own"
+        )
+
+    def describe(self) -> str:
+        """``OTAFLOW_S3_PORT`` or ``OTAFLOW_S3_PORT + 10000``."""
+        if self.offset == 0:
+            return self.variable
+        return f"{self.variable} + {self.offset}"
+
     def in_use_message(self) -> str:
         if self.offset == 0:
             return (
@@ -523,25 +535,53 @@ def find_program(name: str, install_hint: str, extra_dirs: Sequence[str] = ()) -
 
 
 def check_ports_free(host: str, bindings: Sequence[PortBinding]) -> None:
-    """Raise ``StackError`` naming the setting when a port is already in use."""
+    """Raise ``StackError`` naming the setting of every port that is unusable."""
+    problems = find_port_problems(host, bindings)
+    if problems:
+        raise StackError("\n".join(message for _, message in problems))
+
+
+def find_port_problems(
+    host: str, bindings: Sequence[PortBinding]
+) -> list[tuple[PortBinding, str]]:
+    """Describe each port that is out of range, used twice or already in use.
+
+    A port used twice comes from two settings with the same value; binding
+    each port once here would not notice it, but the second service to start
+    would fail.
+    """
+    problems = [
+        (binding, binding.out_of_range_message())
+        for binding in bindings
+        if not 0 < binding.port <= MAX_PORT
+    ]
+    if problems:
+        return problems
+    first_use: dict[int, PortBinding] = {}
     for binding in bindings:
-        if not 0 < binding.port <= MAX_PORT:
-            raise StackError(binding.out_of_range_message())
+        earlier = first_use.setdefault(binding.port, binding)
+        if earlier is not binding:
+            problems.append((binding, binding.shared_message(earlier)))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for binding in bindings:
+    for port, binding in first_use.items():
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             # SO_REUSEADDR ignores connections in TIME_WAIT, as the servers do,
             # but a listening socket on the port still makes bind fail.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, binding.port))
+                probe.bind((host, port))
             except OSError as error:
                 if error.errno == errno.EADDRINUSE:
-                    raise StackError(binding.in_use_message()) from None
-                raise StackError(
-                    f"cannot listen on {host}:{binding.port} ({binding.variable}):"
-                    f" {error}; check OTAFLOW_BIND_HOST"
-                ) from error
+                    problems.append((binding, binding.in_use_message()))
+                else:
+                    problems.append(
+                        (
+                            binding,
+                            f"cannot listen on {host}:{port} ({binding.variable}):"
+                            f" {error}; check OTAFLOW_BIND_HOST",
+                        )
+                    )
+    return problems
 
 
 def _search_attribute_type_name(enum_name: str) -> str:

@@ -124,11 +124,15 @@ def _ensure_cli_token(settings: Settings) -> None:
         return
     engine = make_engine(settings.resolved_database_url)
     try:
+        # The local CLI may approve releases that CI or a portal user started;
+        # the four-eyes rule still rejects approving a release it started. The
+        # token of a deleted token file is revoked, because its secret is lost.
         token = create_api_token(
             engine,
             "local-cli",
-            [Scope.RELEASES_READ, Scope.RELEASES_WRITE],
+            [Scope.RELEASES_READ, Scope.RELEASES_WRITE, Scope.RELEASES_APPROVE],
             "otaflow dev up",
+            replace_active=True,
         )
     finally:
         engine.dispose()

@@ -30,8 +30,10 @@ from otaflow.devstack.services import (
     SERVICE_NAMES,
     STOP_TIMEOUT_S,
     MosquittoService,
+    PortBinding,
     Service,
     check_ports_free,
+    find_port_problems,
 )
 from otaflow.devstack.shared_state import (
     prepare_shared_state,
@@ -84,9 +86,36 @@ class LocalStack:
         names = select_services(services)
         self._make_directories()
         with self._lock():
+            self._check_ports_before_start(names)
             self.settings = prepare_shared_state(self.settings)
             for name in names:
                 self._start(self._service(name))
+
+    def _check_ports_before_start(self, names: Sequence[str]) -> None:
+        """Raise ``StackError`` naming each port that a service to start cannot use.
+
+        Checking every port first means that a taken port starts nothing,
+        instead of leaving the services before it running. Services that run
+        already keep their ports and are left out.
+        """
+        bindings: list[PortBinding] = []
+        for name in names:
+            service = self._service(name)
+            pid = read_pid(self._pid_file(name))
+            if pid is None or not _is_service_process(service, pid):
+                bindings += service.port_bindings()
+        problems = find_port_problems(self.settings.bind_host, bindings)
+        if not problems:
+            return
+        variables = dict.fromkeys(binding.variable for binding, _ in problems)
+        example = next(iter(variables))
+        raise StackError(
+            "\n".join(message for _, message in problems)
+            + "\nNothing was started. To keep a new value for every later otaflow"
+            f" command, put it in {self.settings.env_file}, which every otaflow"
+            f" process reads, as a line such as {example}=<port>; a variable set"
+            " in the environment wins over that file."
+        )
 
     def down(self, services: Sequence[str] | None = None) -> None:
         """Stop ``services`` (default: all, and every simulated fleet)."""

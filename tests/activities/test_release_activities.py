@@ -165,6 +165,18 @@ async def test_verify_unknown_hardware_is_rejected(
         )
 
 
+async def test_verify_unknown_product_names_product(
+    infra_stack: Settings, engine: Engine, store: FirmwareStore, product: str
+) -> None:
+    key = staged(store, product)
+
+    with pytest.raises(ApplicationError) as caught:
+        await verify(infra_stack, engine, store, verify_input(product, key))
+
+    assert caught.value.message.startswith("product: no registered device")
+    assert repr(product) in caught.value.message
+
+
 async def test_verify_oversized_build_is_rejected(
     infra_stack: Settings, engine: Engine, store: FirmwareStore, product: str
 ) -> None:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 from sqlalchemy import Engine
 from temporalio.worker import Worker
 
@@ -46,6 +46,19 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 PASSWORD = "correct horse battery staple"
+IMAGE = b"\x7fELF portal browser test firmware\n" * 512
+POLICY = """name: canary-then-approve
+stages:
+  - name: canary
+    percent: 25
+    success_threshold: 0.8
+  - name: fleet
+    percent: 100
+    gate: manual
+"""
+# Words of the console messages with which Chromium reports a blocked script,
+# style or connection.
+CSP_VIOLATION_WORDS = ("Content Security Policy", "Refused to", "violates")
 # Versions of the seeded fleet, so the devices page has a distribution to show.
 FLEET_VERSIONS = ["1.0.0"] * 24 + ["0.9.2"] * 10 + ["0.9.1"] * 4 + ["1.1.0-rc.1"] * 2
 
@@ -139,6 +152,14 @@ def seed_fleet(engine: Engine, product: str, hardware: str = "gw-r2") -> None:
             )
 
 
+@pytest.fixture
+def product(browser_engine: Engine) -> str:
+    """A product name of this test only, with a seeded fleet of 40 devices."""
+    name = f"gateway-{secrets.token_hex(2)}"
+    seed_fleet(browser_engine, name)
+    return name
+
+
 @pytest.fixture(scope="session")
 def release_history(browser_engine: Engine) -> None:
     """Earlier releases in final phases, so list pages show every badge colour."""
@@ -188,6 +209,39 @@ def signed_in_page(
         yield page
     finally:
         context.close()
+
+
+def start_release(page: Page, product: str) -> str:
+    """Start a release of ``product`` 1.4.0 from the form; return its id."""
+    page.click("text=Start a release")
+    page.fill("#product", product)
+    page.fill("#hardware", "gw-r2")
+    page.fill("#version", "1.4.0")
+    page.fill("#security_version", "3")
+    page.select_option("#policy_source", "paste")
+    page.fill("#policy", POLICY)
+    page.set_input_files(
+        "#image",
+        files=[
+            {"name": "gw.bin", "mimeType": "application/octet-stream", "buffer": IMAGE}
+        ],
+    )
+    page.click("text=Upload and start the release")
+    release_id = f"{product}:gw-r2:1.4.0"
+    page.wait_for_url(f"**/releases/{release_id}")
+    return release_id
+
+
+def record_csp_violations(page: Page) -> list[str]:
+    """Collect the page's console messages that report a blocked resource."""
+    violations: list[str] = []
+
+    def check(message: ConsoleMessage) -> None:
+        if any(word in message.text for word in CSP_VIOLATION_WORDS):
+            violations.append(message.text)
+
+    page.on("console", check)
+    return violations
 
 
 @pytest.fixture(scope="session")

@@ -1,63 +1,35 @@
 """The portal in headless Chromium: a release from start to completion.
 
-A release manager starts a release from the form, watches its canary wave
-progress on the release page without a reload, fails to approve their own
-gate (four-eyes rule), and a second release manager approves it until the
-release completes. Screenshots of the main pages at 1280 and 390 pixels wide
-go to ``tests/artifacts``.
+A release manager starts a release from the form and watches its canary
+wave progress on the release page without a reload. The Approve button of
+their own gate is disabled (four-eyes rule), so a second release manager
+approves it until the release completes. Screenshots of the main pages at
+1280 and 390 pixels wide go to ``tests/artifacts``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import secrets
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine
 
-from tests.browser.conftest import BrowserUsers, seed_fleet, signed_in_page
+from otaflow.db import session_scope
+from otaflow.models import Firmware, Release
+from tests.browser.conftest import (
+    IMAGE,
+    BrowserUsers,
+    record_csp_violations,
+    signed_in_page,
+    start_release,
+)
+from tests.portal.portal_support import seed_release
 
-IMAGE = b"\x7fELF portal browser test firmware\n" * 512
-POLICY = """name: canary-then-approve
-stages:
-  - name: canary
-    percent: 25
-    success_threshold: 0.8
-  - name: fleet
-    percent: 100
-    gate: manual
-"""
 WIDTHS = (1280, 390)
-
-
-@pytest.fixture
-def product(browser_engine: Engine) -> str:
-    name = f"gateway-{secrets.token_hex(2)}"
-    seed_fleet(browser_engine, name)
-    return name
-
-
-def _start_release(page: Page, product: str) -> str:
-    page.click("text=Start a release")
-    page.fill("#product", product)
-    page.fill("#hardware", "gw-r2")
-    page.fill("#version", "1.4.0")
-    page.fill("#security_version", "3")
-    page.select_option("#policy_source", "paste")
-    page.fill("#policy", POLICY)
-    page.set_input_files(
-        "#image",
-        files=[
-            {"name": "gw.bin", "mimeType": "application/octet-stream", "buffer": IMAGE}
-        ],
-    )
-    page.click("text=Upload and start the release")
-    release_id = f"{product}:gw-r2:1.4.0"
-    page.wait_for_url(f"**/releases/{release_id}")
-    return release_id
 
 
 def _succeeded_count(page: Page) -> str:
@@ -73,14 +45,8 @@ def test_release_from_start_to_completion(
 ) -> None:
     with signed_in_page(browser, portal_url, browser_users.starter) as page:
         navigations: list[str] = []
-        console_errors: list[str] = []
-        page.on(
-            "console",
-            lambda message: (
-                console_errors.append(message.text) if message.type == "error" else None
-            ),
-        )
-        release_id = _start_release(page, product)
+        violations = record_csp_violations(page)
+        release_id = start_release(page, product)
         page.on("framenavigated", lambda frame: navigations.append(frame.url))
         page.evaluate("window.portalTestMarker = 'same document'")
 
@@ -93,15 +59,13 @@ def test_release_from_start_to_completion(
         expect(page.locator(".gate-call")).to_contain_text("fleet")
         page.screenshot(path=artifacts / "release-detail-1280.png", full_page=True)
 
-        page.click("text=Approve gate")
-        expect(page.locator(".action-error")).to_contain_text("four-eyes rule")
+        expect(page.locator("text=Approve gate")).to_be_disabled()
+        expect(page.locator("#approve-four-eyes")).to_contain_text("four-eyes rule")
 
         assert len(seen) >= 2, f"the page showed only {seen} while the canary ran"
         assert page.evaluate("window.portalTestMarker") == "same document"
         assert navigations == []
-        # The refused approval logs its 409; a blocked script or style would
-        # log a Content Security Policy violation.
-        assert not [text for text in console_errors if "Refused" in text]
+        assert violations == []
 
     with signed_in_page(browser, portal_url, browser_users.approver) as page:
         page.goto(f"/releases/{release_id}")
@@ -128,7 +92,7 @@ def test_viewer_sees_no_action_buttons(
     product: str,
 ) -> None:
     with signed_in_page(browser, portal_url, browser_users.starter) as page:
-        release_id = _start_release(page, product)
+        release_id = start_release(page, product)
 
     with signed_in_page(browser, portal_url, browser_users.viewer) as page:
         page.goto(f"/releases/{release_id}")
@@ -149,7 +113,7 @@ def test_page_screenshots(
     width: int,
 ) -> None:
     with signed_in_page(browser, portal_url, browser_users.starter, width) as page:
-        release_id = _start_release(page, product)
+        release_id = start_release(page, product)
         expect(page.locator(".gate-call")).to_be_visible(timeout=30_000)
         page.screenshot(path=artifacts / f"release-gate-{width}.png", full_page=True)
 
@@ -157,6 +121,10 @@ def test_page_screenshots(
         page.screenshot(path=artifacts / f"releases-{width}.png", full_page=True)
         page.goto(f"/devices?product={product}")
         page.screenshot(path=artifacts / f"devices-{width}.png", full_page=True)
+        page.goto("/admin/tokens")
+        page.screenshot(path=artifacts / f"tokens-{width}.png", full_page=True)
+        page.goto("/admin/users")
+        page.screenshot(path=artifacts / f"users-{width}.png", full_page=True)
         page.goto("/releases/new")
         page.screenshot(path=artifacts / f"start-form-{width}.png", full_page=True)
 
@@ -165,3 +133,85 @@ def test_page_screenshots(
         )
         assert overflow <= 0, f"the page is {overflow} px wider than the window"
         assert release_id
+
+
+def _seed_firmware(engine: Engine, product: str) -> None:
+    """Store three builds of ``product``, each shipped by a release."""
+    builds = {
+        f"1.{minor}.0": hashlib.sha256(f"{product} {minor}".encode()).hexdigest()
+        for minor in range(3)
+    }
+    release_ids = {
+        version: seed_release(engine, product, version=version).release_id
+        for version in builds
+    }
+    with session_scope(engine) as session:
+        for minor, (version, sha256) in enumerate(builds.items()):
+            prefix = f"firmware/{product}/gw-r2/{version}"
+            session.add(
+                Firmware(
+                    product=product,
+                    hardware="gw-r2",
+                    version=version,
+                    security_version=minor,
+                    size_bytes=48 * 1024 * 1024,
+                    sha256=sha256,
+                    image_key=f"{prefix}/image",
+                    manifest_key=f"{prefix}/manifest",
+                    signature_key=f"{prefix}/signature",
+                    key_id=hashlib.sha256(b"release key").hexdigest()[:16],
+                    release_id=release_ids[version],
+                    uploaded_by="token:ci-gateway-firmware-nightly",
+                )
+            )
+            release = session.get(Release, release_ids[version])
+            assert release is not None
+            release.sha256 = sha256
+            session.add(release)
+
+
+def test_firmware_table_fits_at_1280(
+    browser: Browser,
+    portal_url: str,
+    browser_users: BrowserUsers,
+    browser_engine: Engine,
+    product: str,
+    artifacts: Path,
+) -> None:
+    _seed_firmware(browser_engine, product)
+
+    with signed_in_page(browser, portal_url, browser_users.viewer, 1280) as page:
+        page.goto(f"/firmware?product={product}")
+        page.screenshot(path=artifacts / "firmware-1280.png", full_page=True)
+        overflow = page.evaluate(
+            "document.documentElement.scrollWidth - window.innerWidth"
+        )
+        wrap = page.locator(".table-wrap").bounding_box()
+        last_column = page.locator(".table th").last.bounding_box()
+
+    assert overflow <= 0, f"the page is {overflow} px wider than the window"
+    assert wrap is not None
+    assert last_column is not None
+    assert last_column["x"] + last_column["width"] <= wrap["x"] + wrap["width"]
+
+
+def test_api_docs_load_from_the_app_only(
+    browser: Browser, portal_url: str, artifacts: Path
+) -> None:
+    context = browser.new_context(
+        base_url=portal_url, viewport={"width": 1280, "height": 900}
+    )
+    page = context.new_page()
+    hosts: set[str] = set()
+    page.on("request", lambda request: hosts.add(urlsplit(request.url).netloc))
+    violations = record_csp_violations(page)
+    try:
+        page.goto("/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("otaflow")
+        expect(page.locator(".opblock-tag").first).to_be_visible()
+        page.screenshot(path=artifacts / "api-docs-1280.png", full_page=True)
+    finally:
+        context.close()
+
+    assert hosts == {urlsplit(portal_url).netloc}
+    assert violations == []

@@ -240,8 +240,17 @@ async def test_release_through_portal_on_real_stack(
             await expect(page.locator("#release-actions .sha-full")).to_have_text(
                 sha256
             )
+            # The starter's Approve button is disabled by the four-eyes rule.
+            # Enabled by hand, as a crafted request would, the approval still
+            # reaches the workflow, whose validator rejects it.
+            approve = page.locator("#release-actions button", has_text="Approve gate")
+            await expect(approve).to_be_disabled()
+            await expect(page.locator("#approve-four-eyes")).to_contain_text(
+                "four-eyes rule"
+            )
+            await approve.evaluate("button => { button.disabled = false; }")
             async with page.expect_response(_is_approval) as rejected:
-                await page.click("text=Approve gate")
+                await approve.click()
             assert (await rejected.value).status == 409
             await expect(
                 page.locator("#release-actions .action-error")

@@ -60,16 +60,22 @@ def api_url(
 
 @dataclass(frozen=True)
 class CliTokens:
+    """A CI token (releases:write) and a reviewer's, which may also approve."""
+
     write: str
     reviewer: str
 
 
 @pytest.fixture(scope="session")
 def cli_tokens(engine: Engine) -> CliTokens:
-    scopes = [Scope.RELEASES_WRITE]
     return CliTokens(
-        write=create_api_token(engine, "cli-ci", scopes, "tests"),
-        reviewer=create_api_token(engine, "cli-reviewer", scopes, "tests"),
+        write=create_api_token(engine, "cli-ci", [Scope.RELEASES_WRITE], "tests"),
+        reviewer=create_api_token(
+            engine,
+            "cli-reviewer",
+            [Scope.RELEASES_WRITE, Scope.RELEASES_APPROVE],
+            "tests",
+        ),
     )
 
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +18,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from otaflow.models import Release
+from otaflow.settings import Settings
 from tests.cli.conftest import CliRun, CliTokens
 from tests.web.api_support import (
     HOST,
@@ -114,7 +122,9 @@ def test_release_start_wait_rejected_exits_4(
     reviewer = {"OTAFLOW_API_TOKEN": cli_tokens.reviewer}
     run_cli("release", "reject", release_id, "--comment", "no", env=reviewer)
 
-    result = run_cli(*_start_args(image_file, product, "--wait"))
+    result = run_cli(
+        *_start_args(image_file, product, "--policy", str(policy), "--wait")
+    )
 
     assert result.exit_code == 4, result.output
 
@@ -131,6 +141,90 @@ def test_release_start_wait_json_prints_final_release(
     lines = result.stdout.strip().splitlines()
     assert result.exit_code == 0, result.output
     assert json.loads(lines[-1])["phase"] == "completed"
+
+
+def test_release_start_wait_timeout_exits_1(
+    run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
+) -> None:
+    policy = _policy_file(tmp_path, "held")
+    args = _start_args(image_file, product, "--policy", str(policy))
+
+    started_at = time.monotonic()
+    result = run_cli(*args, "--wait", "--wait-timeout", "1")
+    elapsed_s = time.monotonic() - started_at
+
+    assert result.exit_code == 1, result.output
+    assert f"release {product}:hw1:1.0.0 did not end within 1 s" in result.stderr
+    assert f"'otaflow release status {product}:hw1:1.0.0'" in result.stderr
+    assert elapsed_s < 10
+
+
+def test_release_start_wait_timeout_needs_wait_exits_2(
+    run_cli: CliRun, image_file: Path, product: str
+) -> None:
+    result = run_cli(*_start_args(image_file, product, "--wait-timeout", "5"))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --wait-timeout: only applies with --wait")
+
+
+def test_release_start_wait_interrupted_exits_130(
+    api_url: str,
+    cli_tokens: CliTokens,
+    cli_settings: Settings,
+    image_file: Path,
+    tmp_path: Path,
+    product: str,
+) -> None:
+    release_id = f"{product}:hw1:1.0.0"
+    policy = _policy_file(tmp_path, "held")
+    environment = {
+        **os.environ,
+        "OTAFLOW_PUBLIC_URL": api_url,
+        "OTAFLOW_API_TOKEN": cli_tokens.write,
+        "OTAFLOW_STATE_DIR": str(tmp_path / "state"),
+        "OTAFLOW_DATABASE_URL": cli_settings.resolved_database_url,
+    }
+    command = [sys.executable, "-m", "otaflow"]
+    command += _start_args(image_file, product, "--policy", str(policy), "--wait")
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment,
+        text=True,
+    )
+    try:
+        stdout_lines = _line_queue(process)
+        printed_id = stdout_lines.get(timeout=30)
+        # A progress line shows that the command is following the release.
+        progress = stdout_lines.get(timeout=30)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+        assert process.stderr is not None
+        stderr = process.stderr.read()
+    finally:
+        process.kill()
+
+    assert printed_id.strip() == release_id
+    assert release_id in progress
+    assert process.returncode == 130
+    assert f"release {release_id} continues" in stderr
+    assert f"'otaflow release status {release_id}'" in stderr
+    assert "Traceback" not in stderr
+
+
+def _line_queue(process: subprocess.Popen[str]) -> queue.Queue[str]:
+    """Lines of the process's stdout, read by a thread so a wait can time out."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
 
 
 @pytest.mark.parametrize(
@@ -172,6 +266,58 @@ def test_release_start_missing_image_exits_2(
     assert "missing.bin" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (Path("/dev/null"), "/dev/null: is not a regular file"),
+        (Path("/"), "/: is a directory"),
+    ],
+)
+def test_release_start_image_not_regular_file_exits_2(
+    run_cli: CliRun, product: str, path: Path, message: str
+) -> None:
+    result = run_cli(*_start_args(path, product))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --image {message}")
+
+
+def test_release_start_empty_image_exits_2(
+    run_cli: CliRun, tmp_path: Path, product: str
+) -> None:
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+
+    result = run_cli(*_start_args(empty, product))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --image {empty}: the file is empty;")
+    assert "HTTP" not in result.stderr
+
+
+def test_release_start_policy_not_utf8_exits_2(
+    run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
+) -> None:
+    policy = tmp_path / "binary.yaml"
+    policy.write_bytes(b"\xff\xfe\x00\x01binary")
+
+    result = run_cli(*_start_args(image_file, product, "--policy", str(policy)))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --policy {policy}: not UTF-8 text")
+    assert "save the policy as UTF-8 YAML" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_release_start_policy_directory_exits_2(
+    run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
+) -> None:
+    result = run_cli(*_start_args(image_file, product, "--policy", str(tmp_path)))
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --policy {tmp_path}: is a directory")
+
+
 def test_release_start_invalid_policy_exits_2(
     run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
 ) -> None:
@@ -184,17 +330,31 @@ def test_release_start_invalid_policy_exits_2(
     assert result.stderr.startswith("error: --policy")
 
 
-def test_release_start_api_rejects_empty_image_exits_2(
-    run_cli: CliRun, tmp_path: Path, product: str
+def test_release_start_policy_problems_one_per_line(
+    run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
 ) -> None:
-    empty = tmp_path / "empty.bin"
-    empty.write_bytes(b"")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "stages:\n"
+        "  - name: a\n    percent: 50\n    bake: 5\n"
+        "  - name: b\n    percent: 40\n    success_threshold: 95\n"
+    )
 
-    result = run_cli(*_start_args(empty, product))
+    result = run_cli(*_start_args(image_file, product, "--policy", str(policy)))
 
+    lines = result.stderr.splitlines()
     assert result.exit_code == 2
-    assert "--image" in result.stderr
-    assert "HTTP 422" in result.stderr
+    assert (
+        lines[0]
+        == f"error: --policy {policy}: 3 problems (see docs/rollout-policy.md):"
+    )
+    assert lines[1].startswith("  stages[0].bake: unknown field; known fields: ")
+    assert lines[2] == (
+        "  stages[1].success_threshold: 95 is above 1; it is a fraction of finished"
+        " devices, such as 0.95"
+    )
+    assert lines[3].startswith("  stages[1].percent: 40 is not above")
+    assert len(lines) == 4
 
 
 def test_release_start_image_over_limit_exits_2(
@@ -206,10 +366,13 @@ def test_release_start_image_over_limit_exits_2(
     result = run_cli(*_start_args(large, product))
 
     assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: --image {large} (128 KiB): ")
+    assert f"the limit of {TEST_MAX_IMAGE_BYTES} bytes (" in result.stderr
+    assert "OTAFLOW_MAX_IMAGE_BYTES" in result.stderr
     assert "HTTP 413" in result.stderr
 
 
-def test_release_start_other_sha256_exits_1(
+def test_release_start_other_sha256_exits_2(
     run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
 ) -> None:
     run_cli(*_start_args(image_file, product))
@@ -218,9 +381,39 @@ def test_release_start_other_sha256_exits_1(
 
     result = run_cli(*_start_args(other, product))
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "HTTP 409" in result.stderr
     assert hashlib.sha256(b"another build").hexdigest() in result.stderr
+
+
+def test_release_start_same_inputs_exits_0(
+    run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
+) -> None:
+    policy = _policy_file(tmp_path, "held")
+    args = _start_args(image_file, product, "--policy", str(policy), "--group", "lab")
+    run_cli(*args)
+
+    result = run_cli(*args)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"{product}:hw1:1.0.0"
+
+
+def test_release_start_other_policy_exits_2(
+    run_cli: CliRun, image_file: Path, tmp_path: Path, product: str
+) -> None:
+    held = _policy_file(tmp_path, "held")
+    other = _policy_file(tmp_path, "held-other")
+    run_cli(*_start_args(image_file, product, "--policy", str(held)))
+
+    result = run_cli(*_start_args(image_file, product, "--policy", str(other)))
+
+    assert result.exit_code == 2
+    assert (
+        f"release {product}:hw1:1.0.0 exists with policy 'held'; this request has"
+        " policy 'held-other';"
+    ) in result.stderr
+    assert "HTTP 409" in result.stderr
 
 
 def test_release_start_api_unreachable_exits_1(
@@ -308,8 +501,26 @@ def test_release_list_shows_release(
 
     result = run_cli("release", "list", "--product", product)
 
+    lines = result.stdout.splitlines()
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"{product}:hw1:1.0.0 ")
+    assert lines[0].startswith("RELEASE ")
+    assert lines[1].startswith(f"{product}:hw1:1.0.0 ")
+
+
+def test_release_list_aligns_columns(
+    run_cli: CliRun, image_file: Path, product: str
+) -> None:
+    run_cli(*_start_args(image_file, product))
+    run_cli(*_start_args(image_file, product)[:-1], "10.20.30")
+
+    result = run_cli("release", "list", "--product", product)
+
+    header, *rows = result.stdout.splitlines()
+    phase_column = header.index("PHASE")
+    assert len(rows) == 2
+    for row in rows:
+        assert row[phase_column - 1] == " ", row
+        assert row[phase_column] != " ", row
 
 
 # --- actions -------------------------------------------------------------------------
@@ -340,7 +551,7 @@ def test_release_approve_exits_0(
     assert "approved" in result.stdout
 
 
-def test_release_approve_other_sha256_exits_1(
+def test_release_approve_other_sha256_exits_2(
     run_cli: CliRun, cli_tokens: CliTokens, held_release: str
 ) -> None:
     reviewer = {"OTAFLOW_API_TOKEN": cli_tokens.reviewer}
@@ -349,7 +560,7 @@ def test_release_approve_other_sha256_exits_1(
         "release", "approve", held_release, "--sha256", "0" * 64, env=reviewer
     )
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "HTTP 409" in result.stderr
 
 
@@ -377,16 +588,34 @@ def test_release_pause_resume_abort_exit_0(
     assert wait_for(lambda: _state(engine, held_release) == "rolled_back")
 
 
-def test_release_resume_when_running_exits_1(
+def test_release_resume_when_running_exits_2(
     run_cli: CliRun, held_release: str
 ) -> None:
     result = run_cli("release", "resume", held_release)
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "not paused" in result.stderr
 
 
-def test_release_reject_exits_0(run_cli: CliRun, held_release: str) -> None:
-    result = run_cli("release", "reject", held_release, "--comment", "crashes")
+def test_release_reject_exits_0(
+    run_cli: CliRun, cli_tokens: CliTokens, held_release: str
+) -> None:
+    reviewer = {"OTAFLOW_API_TOKEN": cli_tokens.reviewer}
+
+    result = run_cli(
+        "release", "reject", held_release, "--comment", "crashes", env=reviewer
+    )
 
     assert result.exit_code == 0, result.output
+
+
+def test_release_approve_with_ci_token_fails(
+    run_cli: CliRun, image_file: Path, held_release: str
+) -> None:
+    sha256 = hashlib.sha256(image_file.read_bytes()).hexdigest()
+
+    result = run_cli("release", "approve", held_release, "--sha256", sha256)
+
+    assert result.exit_code != 0
+    assert "HTTP 403" in result.stderr
+    assert "releases:approve" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 
 from otaflow.tokens import find_active_token
@@ -40,6 +41,41 @@ def test_tokens_create_save_writes_private_file(
     assert result.exit_code == 0, result.output
     assert token_file.read_text().strip() == result.stdout.strip()
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+def test_tokens_create_approve_scope(run_cli: CliRun, engine: Engine) -> None:
+    result = run_cli("tokens", "create", "approver", "--scope", "releases:approve")
+
+    row = find_active_token(engine, result.stdout.strip())
+    assert result.exit_code == 0, result.output
+    assert row is not None
+    assert row.scopes == "releases:approve"
+
+
+def test_tokens_create_help_lists_approve_scope(run_cli: CliRun) -> None:
+    result = run_cli("tokens", "create", "--help")
+
+    assert "releases:approve" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["<script>x</script>", "CI job", "_ci"])
+def test_tokens_create_invalid_name_exits_2(run_cli: CliRun, name: str) -> None:
+    result = run_cli("tokens", "create", name, "--scope", "releases:read")
+
+    assert result.exit_code == 2
+    assert "lowercase letters, digits" in result.stderr
+    assert not result.stdout
+
+
+def test_tokens_create_duplicate_active_name_exits_2(run_cli: CliRun) -> None:
+    run_cli("tokens", "create", "twice", "--scope", "releases:read")
+
+    result = run_cli("tokens", "create", "twice", "--scope", "releases:read")
+
+    assert result.exit_code == 2
+    assert "an active token is named 'twice' already" in result.stderr
+    assert "otaflow tokens revoke" in result.stderr
+    assert not result.stdout
 
 
 def test_tokens_create_unknown_scope_exits_2(run_cli: CliRun) -> None:

@@ -293,6 +293,35 @@ def test_stack_up_rejects_grpc_port_above_range(tmp_path: Path) -> None:
     assert "set OTAFLOW_S3_PORT to at most 55535" in str(caught.value)
 
 
+def test_stack_up_checks_every_port_before_starting(
+    tmp_path: Path, listening_socket: socket.socket
+) -> None:
+    port = listening_socket.getsockname()[1]
+    settings = stack_settings(tmp_path, web_port=port)
+
+    with pytest.raises(StackError) as caught:
+        LocalStack(settings).up()
+
+    assert f"port {port} (OTAFLOW_WEB_PORT)" in str(caught.value)
+    assert "Nothing was started." in str(caught.value)
+    assert list(settings.run_dir.glob("*.pid")) == []
+    assert _processes_using(settings.state_dir) == []
+
+
+def test_stack_up_rejects_port_of_two_settings(tmp_path: Path) -> None:
+    port = pick_free_ports(1)[0]
+    settings = stack_settings(tmp_path, mqtt_port=port, web_port=port)
+
+    with pytest.raises(StackError) as caught:
+        LocalStack(settings).up()
+
+    assert (
+        f"port {port} is both OTAFLOW_MQTT_PORT and OTAFLOW_WEB_PORT; give"
+        " OTAFLOW_WEB_PORT a port of its own"
+    ) in str(caught.value)
+    assert list(settings.run_dir.glob("*.pid")) == []
+
+
 def test_stack_up_rejects_unknown_service(tmp_path: Path) -> None:
     with pytest.raises(StackError) as caught:
         LocalStack(stack_settings(tmp_path)).up(services=["postgres"])

@@ -28,6 +28,7 @@ ADMIN_POSTS = [
     ("/admin/users/1/role", {"role": "admin"}),
     ("/admin/users/1/disable", {}),
     ("/admin/users/1/enable", {}),
+    ("/admin/users/1/unlock", {}),
 ]
 
 

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from otaflow.db import session_scope
+from otaflow.models import FailedLogin
 from otaflow.settings import Settings
-from otaflow.users import MAX_FAILED_LOGINS, Role, create_user, set_disabled
+from otaflow.users import (
+    MAX_FAILED_LOGINS_PER_ADDRESS,
+    MAX_FAILED_LOGINS_PER_USER,
+    Role,
+    create_user,
+    set_disabled,
+)
 from tests.portal.conftest import Users
 from tests.portal.portal_support import (
     PASSWORD,
@@ -141,12 +150,19 @@ def test_disabled_user_session_stops_working(
     assert client.get("/releases").status_code == 303
 
 
+def _lock_out(app: FastAPI, engine: Engine, name: str) -> int:
+    """Create user ``name`` and fail to sign in until the limit; return its id."""
+    user = create_user(engine, name, Role.VIEWER, PASSWORD, "tests")
+    for _ in range(MAX_FAILED_LOGINS_PER_USER):
+        assert log_in(new_client(app), name, "wrong").status_code == 401
+    assert user.id is not None
+    return user.id
+
+
 def test_login_rate_limit_per_user_is_429(
     app: FastAPI, engine: Engine, product: str
 ) -> None:
-    create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
-    for _ in range(MAX_FAILED_LOGINS):
-        assert log_in(new_client(app), product, "wrong").status_code == 401
+    _lock_out(app, engine, product)
 
     response = log_in(new_client(app), product)
 
@@ -156,26 +172,108 @@ def test_login_rate_limit_per_user_is_429(
     assert f'value="{product}"' in response.text
 
 
+def test_login_user_limit_names_unlock_command(
+    app: FastAPI, engine: Engine, product: str
+) -> None:
+    _lock_out(app, engine, product)
+
+    response = log_in(new_client(app), product)
+
+    assert "wait 15 minutes" in response.text
+    assert f"otaflow users unlock {product}" in response.text
+
+
+def test_login_failures_of_one_user_leave_address_open(
+    app: FastAPI, users: Users, engine: Engine, product: str
+) -> None:
+    create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
+    client = new_client(app)
+    for _ in range(MAX_FAILED_LOGINS_PER_USER):
+        assert log_in(client, product, "wrong").status_code == 401
+
+    response = log_in(client, users.admin)
+
+    assert response.status_code == 303
+
+
 def test_login_rate_limit_per_address_is_429(
     app: FastAPI, users: Users, engine: Engine
 ) -> None:
     client = new_client(app)
-    for attempt in range(MAX_FAILED_LOGINS):
-        assert log_in(client, f"guess-{attempt}", "wrong").status_code == 401
+    # The failures are written directly: fifty Argon2 checks would take seconds.
+    with session_scope(engine) as session:
+        for attempt in range(MAX_FAILED_LOGINS_PER_ADDRESS):
+            session.add(
+                FailedLogin(username=f"guess-{attempt}", client_address=client.address)
+            )
 
     response = log_in(client, users.viewer)
 
+    entries = audit_entries(engine, "login.rate_limited", target=client.address)
     assert response.status_code == 429
     assert "from address" in response.text
-    entries = audit_entries(engine, "login.rate_limited", target=client.address)
+    assert "otaflow users unlock" not in response.text
     assert len(entries) == 1
+
+
+def test_login_below_address_limit_succeeds(
+    app: FastAPI, users: Users, engine: Engine
+) -> None:
+    client = new_client(app)
+    with session_scope(engine) as session:
+        for attempt in range(MAX_FAILED_LOGINS_PER_ADDRESS - 1):
+            session.add(
+                FailedLogin(username=f"guess-{attempt}", client_address=client.address)
+            )
+
+    response = log_in(client, users.viewer)
+
+    assert response.status_code == 303
+
+
+def test_unlock_lets_locked_user_sign_in(
+    app: FastAPI, admin: TestClient, users: Users, engine: Engine, product: str
+) -> None:
+    user_id = _lock_out(app, engine, product)
+    token = csrf_token(admin, "/admin/users")
+
+    unlocked = admin.post(f"/admin/users/{user_id}/unlock", data={"csrf_token": token})
+    response = log_in(new_client(app), product)
+
+    entries = audit_entries(engine, "user.unlock", target=product)
+    assert unlocked.status_code == 303
+    assert unlocked.headers["location"] == "/admin/users?notice=unlocked"
+    assert response.status_code == 303
+    assert len(entries) == 1
+    assert entries[0].actor == f"user:{users.admin}"
+    assert entries[0].detail == f"cleared {MAX_FAILED_LOGINS_PER_USER} failed sign-ins"
+
+
+def test_users_page_shows_locked_user(
+    app: FastAPI, admin: TestClient, engine: Engine, product: str
+) -> None:
+    user_id = _lock_out(app, engine, product)
+
+    page = admin.get("/admin/users").text
+
+    row = page.split(f'<td class="strong">{product}</td>')[1].split("</tr>")[0]
+    assert "locked" in row
+    assert f'action="/admin/users/{user_id}/unlock"' in row
+
+
+def test_unlock_unknown_user_is_404(admin: TestClient) -> None:
+    token = csrf_token(admin, "/admin/users")
+
+    response = admin.post("/admin/users/999999/unlock", data={"csrf_token": token})
+
+    assert response.status_code == 404
 
 
 def test_login_success_clears_user_failures(
     app: FastAPI, engine: Engine, product: str
 ) -> None:
     create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
-    for _ in range(MAX_FAILED_LOGINS - 1):
+    for _ in range(MAX_FAILED_LOGINS_PER_USER - 1):
         log_in(new_client(app), product, "wrong")
     signed_in(app, product)
 

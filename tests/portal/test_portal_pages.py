@@ -217,17 +217,62 @@ def test_live_first_poll_swaps_sections_out_of_band(
     assert text.count('hx-swap-oob="true"') == 6
 
 
+def _fingerprints(page: str) -> tuple[str, str]:
+    """Read what the next live poll sends: ``fp`` and the actions panel's ``afp``."""
+    sections = re.search(r'"fp": "(\w*)"', page)
+    actions = re.search(r'id="release-actions-key" name="afp" value="(\w*)"', page)
+    assert sections is not None, "no fp in the poller"
+    assert actions is not None, "no afp in the actions panel"
+    return sections[1], actions[1]
+
+
 def test_live_unchanged_release_is_204(
     viewer: TestClient, engine: Engine, product: str
 ) -> None:
     seeded = seed_release(engine, product, state="monitoring", targets=10)
     first = _live(viewer, seeded.release_id).text  # type: ignore[attr-defined]
-    values = re.search(r'"fp": "(\w+)", "afp": "(\w+)"', first)
-    assert values is not None
+    fp, afp = _fingerprints(first)
 
-    response = _live(viewer, seeded.release_id, fp=values[1], afp=values[2])
+    response = _live(viewer, seeded.release_id, fp=fp, afp=afp)
 
     assert response.status_code == 204  # type: ignore[attr-defined]
+
+
+def test_release_page_renders_fingerprints(
+    viewer: TestClient, engine: Engine, product: str
+) -> None:
+    seeded = seed_release(engine, product, state="monitoring")
+
+    fp, afp = _fingerprints(viewer.get(f"/releases/{seeded.release_id}").text)
+
+    assert len(fp) == 32
+    assert len(afp) == 32
+
+
+def test_live_first_poll_with_page_fingerprints_is_204(
+    manager: TestClient, engine: Engine, product: str
+) -> None:
+    # Two days old and without devices, so no "seconds ago" text changes.
+    seeded = seed_release(engine, product, state="monitoring", age=timedelta(days=2))
+    fp, afp = _fingerprints(manager.get(f"/releases/{seeded.release_id}").text)
+
+    response = _live(manager, seeded.release_id, fp=fp, afp=afp)
+
+    assert response.status_code == 204  # type: ignore[attr-defined]
+
+
+def test_live_old_actions_fingerprint_swaps_actions_only(
+    manager: TestClient, engine: Engine, product: str
+) -> None:
+    seeded = seed_release(engine, product, state="monitoring", age=timedelta(days=2))
+    fp, _ = _fingerprints(manager.get(f"/releases/{seeded.release_id}").text)
+
+    response = _live(manager, seeded.release_id, fp=fp, afp="0" * 32)
+
+    text = response.text  # type: ignore[attr-defined]
+    assert response.status_code == 200  # type: ignore[attr-defined]
+    assert 'id="release-actions" class=' in text
+    assert 'id="release-summary"' not in text
 
 
 def test_live_device_change_swaps_sections_only(
@@ -235,8 +280,7 @@ def test_live_device_change_swaps_sections_only(
 ) -> None:
     seeded = seed_release(engine, product, state="monitoring", targets=10)
     first = _live(viewer, seeded.release_id).text  # type: ignore[attr-defined]
-    values = re.search(r'"fp": "(\w+)", "afp": "(\w+)"', first)
-    assert values is not None
+    fp, afp = _fingerprints(first)
     with session_scope(engine) as session:
         session.execute(
             update(ReleaseTarget)
@@ -244,7 +288,7 @@ def test_live_device_change_swaps_sections_only(
             .values(state="succeeded", state_rank=STATE_RANK[DeviceState.SUCCEEDED])
         )
 
-    response = _live(viewer, seeded.release_id, fp=values[1], afp=values[2])
+    response = _live(viewer, seeded.release_id, fp=fp, afp=afp)
 
     text = response.text  # type: ignore[attr-defined]
     assert response.status_code == 200  # type: ignore[attr-defined]
@@ -402,6 +446,20 @@ def test_internal_error_page_has_no_stack_trace(
     assert "req-500" in response.text
     assert "secret internal detail" not in response.text
     assert "Traceback" not in response.text
+
+
+def test_favicon_is_served(viewer: TestClient) -> None:
+    response = viewer.get("/favicon.ico")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/vnd.microsoft.icon"
+    assert response.content.startswith(b"\x00\x00\x01\x00")
+
+
+def test_pages_link_favicon(viewer: TestClient) -> None:
+    page = viewer.get("/releases").text
+
+    assert '<link rel="icon" href="/static/favicon.ico">' in page
 
 
 def test_pages_send_security_headers(viewer: TestClient) -> None:

@@ -101,6 +101,16 @@ def test_start_invalid_field_shows_message_next_to_it(
     assert value.split(",")[0].replace("[", "") in response.text
 
 
+@pytest.mark.parametrize("field", ["product", "hardware", "version"])
+def test_start_empty_required_field_says_missing(
+    manager: TestClient, product: str, field: str
+) -> None:
+    response = post_start(manager, start_form(product, **{field: " "}))
+
+    assert response.status_code == 422
+    assert f"missing {field}" in _field_error(response.text, field)
+
+
 def test_start_reports_every_invalid_field(manager: TestClient) -> None:
     fields = start_form("Bad Product", version="one", security_version="x")
 
@@ -196,6 +206,7 @@ def test_approve_by_starter_shows_four_eyes_message(
     assert status == 409
     assert "action-error" in page
     assert "cannot approve" in page
+    assert "data-dismiss-notice" in page
     assert audit_entries(engine, "release.approve", target=held_release) == []
 
 
@@ -205,6 +216,30 @@ def test_release_page_warns_starter_of_four_eyes_rule(
     page = manager.get(f"/releases/{held_release}").text
 
     assert "four-eyes rule" in page
+
+
+def _approve_button(page: str) -> str:
+    match = re.search(r"<button [^>]*>Approve gate</button>", page)
+    assert match is not None, "the page has no Approve button"
+    return match.group(0)
+
+
+def test_release_page_disables_approve_for_starter(
+    manager: TestClient, held_release: str
+) -> None:
+    button = _approve_button(manager.get(f"/releases/{held_release}").text)
+
+    assert " disabled" in button
+    assert 'aria-describedby="approve-four-eyes"' in button
+
+
+def test_release_page_enables_approve_for_other_manager(
+    reviewer: TestClient, held_release: str
+) -> None:
+    page = reviewer.get(f"/releases/{held_release}").text
+
+    assert " disabled" not in _approve_button(page)
+    assert "four-eyes rule" not in page
 
 
 def test_approve_by_other_manager_completes_release(

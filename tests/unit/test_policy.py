@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,7 +66,8 @@ def test_policy_stage_inherits_defaults() -> None:
 @pytest.mark.parametrize(
     ("document", "field", "fragment"),
     [
-        ({"stages": []}, "stages", "at least 1"),
+        ({"stages": []}, "stages", "at least one stage is required"),
+        ({}, "stages", "at least one stage is required"),
         (
             {"stages": [{"name": "a", "percent": 50}, {"name": "b", "percent": 40}]},
             "stages[1].percent",
@@ -85,7 +87,7 @@ def test_policy_stage_inherits_defaults() -> None:
         (
             {"stages": [{"name": "a", "percent": 10}], "colour": "red"},
             "colour",
-            "Extra",
+            "unknown field",
         ),
         (
             {
@@ -104,6 +106,213 @@ def test_policy_invalid_names_field(
         resolve_policy(document, "test.yaml")
     assert caught.value.field == field
     assert fragment in caught.value.message
+
+
+def test_policy_unknown_field_lists_known_fields() -> None:
+    document = {"stages": [{"name": "a", "percent": 10, "bake": 5}]}
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy(document)
+
+    assert caught.value.field == "stages[0].bake"
+    assert caught.value.value == 5
+    assert "known fields: name, percent, min_devices, gate, bake_s," in (
+        caught.value.message
+    )
+    assert caught.value.message.endswith("did you mean bake_s?")
+
+
+@pytest.mark.parametrize(
+    ("document", "suggestion"),
+    [
+        (
+            {"stages": [{"name": "a", "percent": 10, "sucess_threshold": 1}]},
+            "success_threshold",
+        ),
+        ({"stages": [{"name": "a", "percent": 10}], "stage": []}, "stages"),
+        (
+            {"stages": [{"name": "a", "percent": 10}], "defaults": {"gates": "auto"}},
+            "gate",
+        ),
+    ],
+)
+def test_policy_unknown_field_suggests_close_name(
+    document: dict[str, Any], suggestion: str
+) -> None:
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy(document)
+
+    assert f"did you mean {suggestion}?" in caught.value.message
+
+
+def test_policy_unknown_field_without_close_name_suggests_none() -> None:
+    document = {"stages": [{"name": "a", "percent": 10, "colour": "red"}]}
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy(document)
+
+    assert "did you mean" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("stage_fields", "message"),
+    [
+        (
+            {"success_threshold": 95},
+            "stages[0].success_threshold: 95 is above 1; it is a fraction of"
+            " finished devices, such as 0.95",
+        ),
+        (
+            {"percent": 150},
+            "stages[0].percent: 150 is above 100; it is the cumulative share of"
+            " the fleet in percent, such as 25",
+        ),
+        (
+            {"bake_s": -5},
+            "stages[0].bake_s: -5 is below 0; it is seconds to watch a finished"
+            " wave before judging it",
+        ),
+        (
+            {"device_deadline_s": 0},
+            "stages[0].device_deadline_s: 0 is not above 0; it is seconds a device"
+            " has to finish its install",
+        ),
+        (
+            {"bake_s": "ten"},
+            "stages[0].bake_s: 'ten' is not a number; it is seconds to watch a"
+            " finished wave before judging it",
+        ),
+        (
+            {"min_devices": 2.5},
+            "stages[0].min_devices: 2.5 is not a whole number; it is a cumulative"
+            " number of devices",
+        ),
+        (
+            {"gate": "maybe"},
+            "stages[0].gate: 'maybe' is not valid; expected 'auto' or 'manual'",
+        ),
+        (
+            {"name": ""},
+            "stages[0].name: '' is empty; it is a name of 1 to 64 characters",
+        ),
+    ],
+)
+def test_policy_value_error_in_words(
+    stage_fields: dict[str, Any], message: str
+) -> None:
+    document = {"stages": [{"name": "a", "percent": 10, **stage_fields}]}
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy(document)
+
+    assert caught.value.message == message
+
+
+def test_policy_missing_stage_field_names_it() -> None:
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({"stages": [{"name": "a"}]})
+
+    assert caught.value.field == "stages[0].percent"
+    assert caught.value.value is None
+    assert "every stage needs a name and a percent" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("stages", "field", "value"),
+    [
+        (
+            [{"name": "a", "percent": 50}, {"name": "b", "percent": 40}],
+            "stages[1].percent",
+            40,
+        ),
+        (
+            [{"name": "a", "percent": 50}, {"name": "a", "percent": 90}],
+            "stages[1].name",
+            "a",
+        ),
+    ],
+)
+def test_policy_stage_order_error_value_is_field_value(
+    stages: list[dict[str, Any]], field: str, value: object
+) -> None:
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({"stages": stages})
+
+    assert caught.value.field == field
+    assert caught.value.value == value
+    assert "{" not in caught.value.message
+
+
+def test_policy_reports_every_problem() -> None:
+    document = {
+        "stages": [
+            {"name": "a", "percent": 50, "bake": 1},
+            {"name": "a", "percent": 40, "success_threshold": 95},
+        ],
+        "colour": "red",
+    }
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy(document)
+
+    fields = [problem.field for problem in caught.value.problems]
+    assert sorted(fields) == sorted(
+        [
+            "stages[0].bake",
+            "stages[1].success_threshold",
+            "colour",
+            "stages[1].name",
+            "stages[1].percent",
+        ]
+    )
+    assert len(caught.value.message.splitlines()) == 5
+
+
+def test_policy_problems_stop_at_ten() -> None:
+    stage = {"name": "a", "percent": 10, **{f"extra_{n}": n for n in range(15)}}
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({"stages": [stage]})
+
+    lines = caught.value.message.splitlines()
+    assert len(lines) == 11
+    assert lines[-1] == "policy: 5 more problems not shown"
+
+
+def test_policy_error_names_source_file() -> None:
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({"stages": []}, "deploy/policies/mine.yaml")
+
+    assert str(caught.value).startswith("deploy/policies/mine.yaml: stages: ")
+
+
+def test_policy_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path=path, text="name: x\nstages: [\n")
+
+    assert caught.value.message.startswith("invalid YAML at line 3, column 1:")
+    assert "<unicode string>" not in caught.value.message
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_policy_file_not_utf8_is_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00stages")
+
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path=path)
+
+    assert caught.value.message.startswith("not UTF-8 text (byte 0xff at offset 0)")
+    assert caught.value.message.endswith("save the policy as UTF-8 YAML")
+
+
+def test_policy_file_with_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfstages: [{name: all, percent: 100}]\n")
+
+    assert load_policy(path=path).stages[0].name == "all"
 
 
 def test_policy_yaml_syntax_error_is_policy_error() -> None:

@@ -73,13 +73,19 @@ def client(settings: Settings, temporal_client: Client) -> Iterator[TestClient]:
 
 @dataclass(frozen=True)
 class Tokens:
-    """Bearer tokens of each kind the API tests need."""
+    """Bearer tokens of each kind the API tests need.
+
+    ``write`` and ``second_write`` are CI tokens (releases:write), ``approver``
+    has releases:approve only, and ``reviewer`` has both, like the local CLI's.
+    """
 
     write: str
     reviewer: str
     read: str
     revoked: str
     write_name: str
+    second_write: str
+    approver: str
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +94,16 @@ def tokens(engine: Engine) -> Tokens:
     write_name = f"ci-{suffix}"
     write = create_api_token(engine, write_name, [Scope.RELEASES_WRITE], "tests")
     reviewer = create_api_token(
-        engine, f"reviewer-{suffix}", [Scope.RELEASES_WRITE], "tests"
+        engine,
+        f"reviewer-{suffix}",
+        [Scope.RELEASES_WRITE, Scope.RELEASES_APPROVE],
+        "tests",
+    )
+    second_write = create_api_token(
+        engine, f"ci-second-{suffix}", [Scope.RELEASES_WRITE], "tests"
+    )
+    approver = create_api_token(
+        engine, f"approver-{suffix}", [Scope.RELEASES_APPROVE], "tests"
     )
     read = create_api_token(engine, f"reader-{suffix}", [Scope.RELEASES_READ], "tests")
     revoked = create_api_token(
@@ -98,7 +113,7 @@ def tokens(engine: Engine) -> Tokens:
     assert row is not None
     assert row.id is not None
     revoke_api_token(engine, row.id, "tests")
-    return Tokens(write, reviewer, read, revoked, write_name)
+    return Tokens(write, reviewer, read, revoked, write_name, second_write, approver)
 
 
 @pytest.fixture

@@ -20,15 +20,18 @@ READ_ROUTES = [
 ]
 WRITE_ROUTES = [
     ("POST", "/api/v1/releases"),
-    ("POST", "/api/v1/releases/gw:hw1:1.0.0/approve"),
-    ("POST", "/api/v1/releases/gw:hw1:1.0.0/reject"),
     ("POST", "/api/v1/releases/gw:hw1:1.0.0/pause"),
     ("POST", "/api/v1/releases/gw:hw1:1.0.0/resume"),
     ("POST", "/api/v1/releases/gw:hw1:1.0.0/abort"),
 ]
+APPROVE_ROUTES = [
+    ("POST", "/api/v1/releases/gw:hw1:1.0.0/approve"),
+    ("POST", "/api/v1/releases/gw:hw1:1.0.0/reject"),
+]
+ALL_ROUTES = READ_ROUTES + WRITE_ROUTES + APPROVE_ROUTES
 
 
-@pytest.mark.parametrize(("method", "path"), READ_ROUTES + WRITE_ROUTES)
+@pytest.mark.parametrize(("method", "path"), ALL_ROUTES)
 def test_auth_missing_token_is_401(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path)
 
@@ -38,7 +41,7 @@ def test_auth_missing_token_is_401(client: TestClient, method: str, path: str) -
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize(("method", "path"), READ_ROUTES + WRITE_ROUTES)
+@pytest.mark.parametrize(("method", "path"), ALL_ROUTES)
 def test_auth_unknown_token_is_401(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path, headers=bearer("otf_not-a-real-token"))
 
@@ -46,7 +49,7 @@ def test_auth_unknown_token_is_401(client: TestClient, method: str, path: str) -
     assert "unknown or revoked" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize(("method", "path"), READ_ROUTES + WRITE_ROUTES)
+@pytest.mark.parametrize(("method", "path"), ALL_ROUTES)
 def test_auth_revoked_token_is_401(
     client: TestClient, tokens: Tokens, method: str, path: str
 ) -> None:
@@ -66,6 +69,29 @@ def test_auth_read_scope_cannot_write_403(
     assert "releases:write" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("method", "path"), WRITE_ROUTES)
+def test_auth_approve_scope_cannot_write_403(
+    client: TestClient, tokens: Tokens, method: str, path: str
+) -> None:
+    response = client.request(method, path, headers=bearer(tokens.approver))
+
+    assert response.status_code == 403
+    assert "releases:write" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("token_kind", ["read", "write"])
+@pytest.mark.parametrize(("method", "path"), APPROVE_ROUTES)
+def test_auth_approve_routes_need_approve_scope_403(
+    client: TestClient, tokens: Tokens, token_kind: str, method: str, path: str
+) -> None:
+    token = tokens.read if token_kind == "read" else tokens.write
+
+    response = client.request(method, path, headers=bearer(token))
+
+    assert response.status_code == 403
+    assert "releases:approve" in response.json()["error"]["message"]
+
+
 def test_auth_basic_scheme_is_401(client: TestClient, tokens: Tokens) -> None:
     response = client.get(
         "/api/v1/releases", headers={"Authorization": f"Basic {tokens.read}"}
@@ -74,11 +100,11 @@ def test_auth_basic_scheme_is_401(client: TestClient, tokens: Tokens) -> None:
     assert response.status_code == 401
 
 
-@pytest.mark.parametrize("token_kind", ["read", "write"])
-def test_auth_read_routes_accept_read_and_write_scopes(
+@pytest.mark.parametrize("token_kind", ["read", "write", "approver"])
+def test_auth_read_routes_accept_every_scope(
     client: TestClient, tokens: Tokens, token_kind: str
 ) -> None:
-    token = tokens.read if token_kind == "read" else tokens.write
+    token = getattr(tokens, token_kind)
 
     response = client.get("/api/v1/releases", headers=bearer(token))
 

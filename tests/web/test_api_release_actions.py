@@ -122,12 +122,42 @@ def test_approve_other_sha256_is_409_with_validator_message(
 
 
 def test_approve_by_starter_is_409(
-    client: TestClient, tokens: Tokens, held_release: str
+    client: TestClient, tokens: Tokens, engine: Engine, product: str
 ) -> None:
-    response = _act(client, tokens.write, held_release, "approve", {"sha256": SHA256})
+    started = post_release(client, tokens.reviewer, product, policy=policy_yaml("held"))
+    release_id = started.json()["release_id"]
+    wait_for(lambda: _state(engine, release_id) == "awaiting_approval")
+
+    response = _act(client, tokens.reviewer, release_id, "approve", {"sha256": SHA256})
 
     assert response.status_code == 409
     assert "cannot approve" in response.json()["error"]["message"]
+
+
+def test_approve_by_second_write_token_is_403(
+    client: TestClient, tokens: Tokens, engine: Engine, held_release: str
+) -> None:
+    body = {"sha256": SHA256}
+
+    response = _act(client, tokens.second_write, held_release, "approve", body)
+
+    assert response.status_code == 403
+    assert "releases:approve" in response.json()["error"]["message"]
+    assert _state(engine, held_release) == "awaiting_approval"
+    assert _audit(engine, held_release, "release.approve") == []
+
+
+def test_approve_scope_alone_approves(
+    client: TestClient, tokens: Tokens, engine: Engine, held_release: str
+) -> None:
+    response = _act(
+        client, tokens.approver, held_release, "approve", {"sha256": SHA256}
+    )
+
+    entries = _audit(engine, held_release, "release.approve")
+    assert response.status_code == 200
+    assert wait_for(lambda: _state(engine, held_release) == "completed")
+    assert entries[0].actor.startswith("token:approver-")
 
 
 @pytest.mark.parametrize(

@@ -154,8 +154,12 @@ def test_start_empty_image_is_422(
 ) -> None:
     response = post_release(client, tokens.write, product, image=b"")
 
+    error = response.json()["error"]
     assert response.status_code == 422
-    assert response.json()["error"]["field"] == "image"
+    assert error["field"] == "image"
+    assert "the image is empty (0 bytes)" in error["message"]
+    # The server's temporary file name would mean nothing to the client.
+    assert "value" not in error
     assert _release(engine, f"{product}:hw1:1.0.0") is None
 
 
@@ -179,6 +183,49 @@ def test_start_policy_error_names_stage_field(
     assert response.json()["error"]["field"] == "policy.stages[1].percent"
 
 
+def test_start_policy_error_value_is_field_value(
+    client: TestClient, tokens: Tokens, product: str
+) -> None:
+    policy = "stages:\n  - name: a\n    percent: 50\n  - name: b\n    percent: 40\n"
+
+    response = post_release(client, tokens.write, product, policy=policy)
+
+    error = response.json()["error"]
+    assert error["value"] == 40
+    assert error["message"].startswith("stages[1].percent: 40 is not above")
+
+
+def test_start_policy_error_lists_every_problem(
+    client: TestClient, tokens: Tokens, product: str
+) -> None:
+    policy = (
+        "stages:\n"
+        "  - name: a\n    percent: 50\n    bake: fast\n"
+        "  - name: b\n    percent: 40\n"
+    )
+
+    response = post_release(client, tokens.write, product, policy=policy)
+
+    error = response.json()["error"]
+    lines = error["message"].splitlines()
+    assert error["field"] == "policy.stages[0].bake"
+    assert error["value"] == "fast"
+    assert lines[0].startswith("stages[0].bake: unknown field; known fields: name,")
+    assert lines[0].endswith("did you mean bake_s?")
+    assert lines[1].startswith("stages[1].percent: 40 is not above")
+    assert len(lines) == 2
+
+
+def test_start_policy_yaml_error_names_line(
+    client: TestClient, tokens: Tokens, product: str
+) -> None:
+    response = post_release(client, tokens.write, product, policy="name: x\nstages: [")
+
+    message = response.json()["error"]["message"]
+    assert message.startswith("invalid YAML at line 2, column 10:")
+    assert "<unicode string>" not in message
+
+
 # --- Size limit ------------------------------------------------------------------
 
 
@@ -193,9 +240,12 @@ def test_start_image_over_limit_is_413(
 
     response = post_release(client, tokens.write, product, image=image)
 
+    message = response.json()["error"]["message"]
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
-    assert str(TEST_MAX_IMAGE_BYTES) in response.json()["error"]["message"]
+    assert f"the limit of {TEST_MAX_IMAGE_BYTES} bytes (" in message
+    assert "the upload of " in message
+    assert "OTAFLOW_MAX_IMAGE_BYTES" in message
     assert _release(engine, f"{product}:hw1:1.0.0") is None
     assert _staging_keys(settings, product) == []
 
@@ -339,6 +389,101 @@ def test_start_different_sha256_is_409(
     assert staging_key(product, "hw1", "1.0.0", other_sha256) not in _staging_keys(
         settings, product
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "stored", "requested"),
+    [
+        (
+            {"policy": policy_yaml("held")},
+            {"policy": policy_yaml("held-other")},
+            "policy 'held'",
+            "policy 'held-other'",
+        ),
+        (
+            {"policy": policy_yaml("held")},
+            {"policy": policy_yaml("held") + "defaults:\n  bake_s: 5\n"},
+            "policy 'held' with stages[0].bake_s 60",
+            "stages[0].bake_s 5",
+        ),
+        (
+            {"security_version": "1"},
+            {"security_version": "2"},
+            "security version 1",
+            "security version 2",
+        ),
+        (
+            {"target_groups": ["lab", "field"]},
+            {"target_groups": ["lab"]},
+            "device groups field, lab",
+            "device groups lab",
+        ),
+        (
+            {"target_groups": ["lab"]},
+            {},
+            "device groups lab",
+            "all device groups",
+        ),
+        (
+            {"allow_downgrade": "true"},
+            {"allow_downgrade": "false"},
+            "downgrade allowed",
+            "downgrade not allowed",
+        ),
+    ],
+)
+def test_start_other_inputs_is_409(
+    client: TestClient,
+    tokens: Tokens,
+    product: str,
+    first: dict[str, Any],
+    second: dict[str, Any],
+    stored: str,
+    requested: str,
+) -> None:
+    release_id = f"{product}:hw1:1.0.0"
+    started = post_release(client, tokens.write, product, **first)
+
+    response = post_release(client, tokens.write, product, **second)
+
+    message = response.json()["error"]["message"]
+    assert started.status_code == 201
+    assert response.status_code == 409
+    assert message.startswith(f"release {release_id} exists with {stored};")
+    assert f"; this request has {requested};" in message
+    assert "publish the build under a new version" in message
+
+
+def test_start_same_groups_in_other_order_returns_200(
+    client: TestClient, tokens: Tokens, product: str
+) -> None:
+    groups = {"target_groups": ["lab", "field"], "policy": policy_yaml("held")}
+    first = post_release(client, tokens.write, product, **groups)
+    groups["target_groups"] = ["field", "lab"]
+
+    second = post_release(client, tokens.write, product, **groups)
+
+    assert first.status_code == 201
+    assert second.status_code == 200
+
+
+def test_start_retry_with_temporal_down_is_503(
+    infra_stack: Settings,
+    database_url: str,
+    client: TestClient,
+    tokens: Tokens,
+    product: str,
+) -> None:
+    # The target groups of a started release are read from its workflow, so a
+    # retry cannot be answered while Temporal is unreachable.
+    post_release(client, tokens.write, product)
+    down = app_settings(infra_stack, database_url, temporal_port=free_port())
+
+    with TestClient(create_app(down)) as down_client:
+        response = post_release(down_client, tokens.write, product)
+
+    assert response.status_code == 503
+    assert "Temporal" in response.json()["error"]["message"]
 
 
 def test_start_failed_release_starts_again(

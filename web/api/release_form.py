@@ -24,7 +24,12 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from otaflow.errors import InvalidInputError
-from otaflow.release_inputs import ReleaseDraft, UploadedImage, parse_release_draft
+from otaflow.release_inputs import (
+    ReleaseDraft,
+    UploadedImage,
+    format_binary_size,
+    parse_release_draft,
+)
 from web.errors import ApiError
 
 if TYPE_CHECKING:
@@ -129,6 +134,22 @@ def _multipart_boundary(content_type: str) -> bytes:
             " file part 'image' and the other fields as form fields",
         )
     return boundary
+
+
+def _too_large_message(request: Request, limit_bytes: int) -> str:
+    """Say how large the upload is, when the client sent its Content-Length."""
+    limit = f"{limit_bytes} bytes ({format_binary_size(limit_bytes)})"
+    upload = "the image"
+    length = request.headers.get("content-length", "")
+    if length.isdigit():
+        upload = (
+            f"the upload of {int(length)} bytes ({format_binary_size(int(length))})"
+        )
+    return (
+        f"{upload} is larger than the limit of {limit} for an image, so nothing"
+        " was stored; if the image is right, raise the server's"
+        " OTAFLOW_MAX_IMAGE_BYTES"
+    )
 
 
 class _ImageSink:
@@ -236,12 +257,7 @@ class _FormReceiver:
                 "rejected an image upload of more than %d bytes",
                 self._sink.limit_bytes,
             )
-            raise ApiError(
-                413,
-                f"the image is larger than the limit of {self._sink.limit_bytes}"
-                " bytes, so nothing was stored; raise OTAFLOW_MAX_IMAGE_BYTES on the"
-                " server if the image is right",
-            )
+            raise ApiError(413, _too_large_message(request, self._sink.limit_bytes))
         if self._sink.started and not self._sink.complete:
             raise InvalidInputError(
                 IMAGE_FIELD, None, "the upload ended inside the image part; retry it"

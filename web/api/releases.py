@@ -27,6 +27,7 @@ from web.api.schemas import (
     release_summary,
 )
 from web.deps import (
+    ApproveActor,
     PaginationDep,
     ReadAccess,
     ReleaseServiceDep,
@@ -132,10 +133,14 @@ async def get_release(
 @router.post(
     "/{release_id}/approve",
     summary="Approve the gate that waits for a decision",
+    description=(
+        "Needs the releases:approve scope. The four-eyes rule rejects an"
+        " approval by the token or user that started the release."
+    ),
     responses=ACTION_RESPONSES,
 )
 async def approve_release(
-    release_id: str, body: ApproveBody, actor: WriteActor, service: ReleaseServiceDep
+    release_id: str, body: ApproveBody, actor: ApproveActor, service: ReleaseServiceDep
 ) -> ActionResult:
     approval = GateApproval(actor=actor, sha256=body.sha256, comment=body.comment)
     return await service.act(release_id, ReleaseAction.APPROVE, approval)
@@ -144,10 +149,11 @@ async def approve_release(
 @router.post(
     "/{release_id}/reject",
     summary="Reject the waiting gate and roll the release back",
+    description="Needs the releases:approve scope.",
     responses=ACTION_RESPONSES,
 )
 async def reject_release(
-    release_id: str, body: RejectBody, actor: WriteActor, service: ReleaseServiceDep
+    release_id: str, body: RejectBody, actor: ApproveActor, service: ReleaseServiceDep
 ) -> ActionResult:
     rejection = GateRejection(actor=actor, comment=body.comment)
     return await service.act(release_id, ReleaseAction.REJECT, rejection)

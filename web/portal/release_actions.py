@@ -9,6 +9,7 @@ form reaches the workflow once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Annotated
@@ -69,8 +70,13 @@ class ActionPanel:
 
     @property
     def state_key(self) -> tuple[object, ...]:
-        """What decides which buttons show; the live poll compares it."""
+        """What decides which buttons show."""
         return (self.can_act, self.running, self.paused, self.waiting_wave)
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of ``state_key``, which the page sends back with each live poll."""
+        return hashlib.sha256(repr(self.state_key).encode()).hexdigest()[:32]
 
 
 class ActionForm(BaseModel):

@@ -49,6 +49,12 @@ RELEASE_POLICY_PREFIX = "release:"
 RECENT_RELEASES_SCANNED = 100
 MAX_POLICY_CHOICES = 10
 GROUP_SEPARATOR_RE = re.compile(r"[\s,]+")
+# Fields that the form must not leave empty, with an example value each.
+REQUIRED_FIELDS = {
+    "product": "gateway",
+    "hardware": "gw-r2",
+    "version": "1.4.0",
+}
 
 
 @dataclass(frozen=True)
@@ -107,8 +113,14 @@ def _validate(
         ],
     }
     for name, check in checks.items():
+        text = values.get(name, "").strip()
+        if not text and name in REQUIRED_FIELDS:
+            errors[name] = (
+                f"missing {name}: enter one, such as {REQUIRED_FIELDS[name]!r}"
+            )
+            continue
         try:
-            check(values.get(name, "").strip())
+            check(text)
         except InvalidInputError as error:
             errors[name] = error.message
     policy_text = None

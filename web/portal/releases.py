@@ -1,10 +1,14 @@
 """Release pages: the list, the detail page and its live updates.
 
 The detail page polls ``/releases/{id}/live`` every two seconds with htmx.
-The request carries fingerprints of what the page shows. While nothing
-changed the response is 204 No Content. Otherwise it swaps the changed
-sections out of band. Once the release is final the response replaces the
-poller with one that no longer polls, and closing the tab stops it as well.
+The request carries fingerprints of what the page shows: ``fp`` of the live
+sections, from the poller, and ``afp`` of the actions panel, from a hidden
+field inside that panel. While nothing changed the response is 204 No
+Content. Otherwise it swaps the changed sections out of band. ``portal.js``
+keeps the actions panel while the user types in it or a result message shows,
+and the panel's ``afp`` stays old, so the next polls offer it again. Once the
+release is final the response replaces the poller with one that no longer
+polls, and closing the tab stops it as well.
 """
 
 from __future__ import annotations
@@ -96,8 +100,8 @@ async def release_page(
     view = await load_release_view(
         portal.releases, portal.engine, portal.settings, release_id, query
     )
-    context = {**_live_context(view, _panel(portal, user, view))}
-    context |= {"fingerprint": "", "actions_key": ""}
+    context = _live_context(view, _panel(portal, user, view))
+    context["fingerprint"] = _digest(_render_live_sections(context))
     return render(request, "release/detail.html", context)
 
 
@@ -116,18 +120,14 @@ async def release_live(
     )
     panel = _panel(portal, user, view)
     context = _live_context(view, panel)
-    sections = templates.get_template("release/_live_sections.html").render(
-        {**context, "oob": True}
-    )
+    sections = _render_live_sections(context)
     fingerprint = _digest(sections)
-    actions_key = _digest(repr(panel.state_key))
-    if fingerprint == fp and actions_key == afp:
+    if fingerprint == fp and panel.fingerprint == afp:
         return Response(status_code=204)
     context |= {
         "sections": sections if fingerprint != fp else "",
-        "actions_changed": actions_key != afp,
+        "actions_changed": panel.fingerprint != afp,
         "fingerprint": fingerprint,
-        "actions_key": actions_key,
     }
     return render(request, "release/live.html", context)
 
@@ -145,6 +145,12 @@ def _live_context(view: ReleaseView, panel: ActionPanel) -> dict[str, Any]:
             "target_page": targets.query.page,
         },
     }
+
+
+def _render_live_sections(context: dict[str, Any]) -> str:
+    """Render the sections that the live poll swaps, as the poll sends them."""
+    template = templates.get_template("release/_live_sections.html")
+    return template.render({**context, "oob": True})
 
 
 def _panel(portal: Portal, user: PortalUser, view: ReleaseView) -> ActionPanel:

@@ -1,7 +1,9 @@
 """The API tokens page (admins): create CI tokens, list them, revoke them.
 
 A new token's secret is shown once, in the response to the create form, and
-only its SHA-256 is stored (``otaflow.tokens``).
+only its SHA-256 is stored (``otaflow.tokens``). A name that an active token
+has already is rejected with 409, because the name identifies the token in
+the audit log.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 from starlette.responses import RedirectResponse, Response
 
-from otaflow.errors import InvalidInputError
+from otaflow.errors import ConflictError, InvalidInputError
 from otaflow.models import ApiToken
-from otaflow.tokens import Scope, create_api_token, parse_scopes, revoke_api_token
+from otaflow.tokens import (
+    SCOPE_DESCRIPTIONS,
+    Scope,
+    create_api_token,
+    parse_scopes,
+    parse_token_name,
+    revoke_api_token,
+)
 from web.portal.access import AdminDep, CsrfChecked, PortalDep
 from web.portal.errors import PortalRoute
 from web.portal.rendering import render
 
 router = APIRouter(route_class=PortalRoute)
 
-MAX_TOKEN_NAME_CHARS = 100
 NOTICES = {"revoked": "Token revoked: requests with it are rejected from now on."}
 
 
@@ -54,7 +62,12 @@ def create_token(
         context = _context(portal.engine, errors=errors, values=form)
         return render(request, "admin/tokens.html", context, status_code=422)
     scopes = parse_scopes(form.scopes)
-    secret = create_api_token(portal.engine, form.name.strip(), scopes, user.actor)
+    try:
+        secret = create_api_token(portal.engine, form.name, scopes, user.actor)
+    except ConflictError as error:
+        errors = {"name": str(error)}
+        context = _context(portal.engine, errors=errors, values=form)
+        return render(request, "admin/tokens.html", context, status_code=409)
     context = _context(portal.engine, secret=secret, created=form.name.strip())
     # The secret must not stay in a cache or the browser's history.
     headers = {"Cache-Control": "no-store"}
@@ -69,11 +82,10 @@ def revoke_token(token_id: int, user: AdminDep, portal: PortalDep) -> Response:
 
 def _check(form: TokenForm) -> dict[str, str]:
     errors: dict[str, str] = {}
-    name = form.name.strip()
-    if not name:
-        errors["name"] = "enter a name for the token, such as the CI job's"
-    elif len(name) > MAX_TOKEN_NAME_CHARS:
-        errors["name"] = f"the name is longer than {MAX_TOKEN_NAME_CHARS} characters"
+    try:
+        parse_token_name(form.name)
+    except InvalidInputError as error:
+        errors["name"] = error.message
     if not form.scopes:
         errors["scopes"] = "choose at least one scope"
     try:
@@ -89,6 +101,7 @@ def _context(engine: Engine, **values: Any) -> dict[str, Any]:
     return {
         "tokens": list(tokens),
         "scopes": list(Scope),
+        "scope_descriptions": SCOPE_DESCRIPTIONS,
         "errors": {},
         "values": TokenForm(scopes=[Scope.RELEASES_READ]),
         **values,

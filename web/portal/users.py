@@ -1,4 +1,4 @@
-"""The users page (admins): add users, change their roles, disable them."""
+"""The users page (admins): add users, change roles, disable and unlock users."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from starlette.responses import RedirectResponse, Response
 
-from otaflow.errors import ConflictError, InvalidInputError
+from otaflow.errors import ConflictError, InvalidInputError, NotFoundError
 from otaflow.users import (
+    LOGIN_WINDOW,
+    MAX_FAILED_LOGINS_PER_USER,
     Role,
     check_password,
     create_user,
+    failed_login_counts,
+    get_user,
     list_users,
     parse_role,
     parse_user_name,
     set_disabled,
     set_role,
+    unlock_user,
 )
 from web.portal.access import AdminDep, CsrfChecked, PortalDep
 from web.portal.errors import PortalRoute
@@ -31,6 +36,7 @@ NOTICES = {
     "role": "Role changed.",
     "disabled": "User disabled: their sessions stop working at once.",
     "enabled": "User enabled.",
+    "unlocked": "User unlocked: their failed sign-ins are cleared.",
 }
 
 
@@ -109,6 +115,15 @@ def enable_user(user_id: int, user: AdminDep, portal: PortalDep) -> Response:
     return RedirectResponse("/admin/users?notice=enabled", status_code=303)
 
 
+@router.post("/admin/users/{user_id}/unlock", dependencies=[CsrfChecked])
+def unlock_sign_ins(user_id: int, user: AdminDep, portal: PortalDep) -> Response:
+    row = get_user(portal.engine, user_id)
+    if row is None:
+        raise NotFoundError("user", str(user_id))
+    unlock_user(portal.engine, row.name, user.actor)
+    return RedirectResponse("/admin/users?notice=unlocked", status_code=303)
+
+
 def _check_new_user(form: NewUserForm) -> dict[str, str]:
     errors: dict[str, str] = {}
     checks = {
@@ -135,6 +150,9 @@ def _rejected_change(request: Request, engine: Engine, error: Exception) -> Resp
 def _context(engine: Engine, **values: Any) -> dict[str, Any]:
     return {
         "users": list_users(engine),
+        "failed_logins": failed_login_counts(engine),
+        "max_failed_logins": MAX_FAILED_LOGINS_PER_USER,
+        "login_window_minutes": int(LOGIN_WINDOW.total_seconds()) // 60,
         "roles": list(Role),
         "errors": {},
         "values": NewUserForm(),
