@@ -274,8 +274,10 @@ class User(SQLModel, table=True):
     """A person who signs in to the portal, with one role.
 
     ``role`` is one of ``otaflow.users.Role``; ``password_hash`` is an Argon2id
-    hash in PHC string form. The table is not called ``user`` because that is
-    a reserved word in PostgreSQL.
+    hash in PHC string form. Each session cookie carries the
+    ``session_generation`` it was issued under; signing out and setting a new
+    password increase it, which ends every earlier session of the user. The
+    table is not called ``user`` because that is a reserved word in PostgreSQL.
     """
 
     __tablename__ = "portaluser"
@@ -285,6 +287,7 @@ class User(SQLModel, table=True):
     role: str = Field(max_length=32)
     password_hash: str = Field(max_length=200)
     disabled: bool = False
+    session_generation: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_by: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
     last_login_at: datetime | None = Field(

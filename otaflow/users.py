@@ -222,6 +222,39 @@ def set_disabled(engine: Engine, user_id: int, disabled: bool, actor: str) -> Us
     return user
 
 
+def sign_out(engine: Engine, user_id: int, client_address: str) -> None:
+    """End every portal session of a user, and record the sign-out."""
+    with session_scope(engine) as session:
+        user = _require_user(session, user_id)
+        user.session_generation += 1
+        session.add(user)
+        record_audit(session, actor_of(user), "logout", client_address)
+    logger.info("user %s signed out from %s", user.name, client_address)
+
+
+def set_password(engine: Engine, name: str, password: str, actor: str) -> User:
+    """Give user ``name`` a new password and end all of their sessions.
+
+    The user's failed sign-ins are cleared too. Raises ``InvalidInputError``
+    for a password that breaks the rules and ``NotFoundError`` for an
+    unknown user.
+    """
+    password_hash = hash_password(password)
+    with session_scope(engine) as session:
+        user = _find_by_name(session, name.strip())
+        if user is None:
+            raise NotFoundError("user", name)
+        user.password_hash = password_hash
+        user.session_generation += 1
+        session.add(user)
+        session.execute(
+            delete(FailedLogin).where(col(FailedLogin.username) == user.name)
+        )
+        record_audit(session, actor, "user.password", user.name)
+    logger.info("user %s got a new password from %s", user.name, actor)
+    return user
+
+
 def unlock_user(engine: Engine, name: str, actor: str) -> int:
     """Clear the failed sign-ins of user ``name``; return how many were cleared.
 

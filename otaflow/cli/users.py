@@ -1,4 +1,4 @@
-"""`otaflow users`: add, list and unlock the portal's users.
+"""`otaflow users`: add, list and unlock the portal's users, and set passwords.
 
 These commands act on the database directly, so run them on the server host,
 with the same OTAFLOW_DATABASE_URL as the web app. Use them to create the
@@ -26,10 +26,14 @@ from otaflow.users import (
     create_user,
     list_users,
     parse_role,
+    set_password,
     unlock_user,
 )
 
-app = typer.Typer(no_args_is_help=True, help="Add, list and unlock the portal's users.")
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Add, list and unlock the portal's users, and set their passwords.",
+)
 
 
 def _administrator() -> str:
@@ -86,6 +90,40 @@ def add(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"added user {user.name} with role {user.role}")
+
+
+@app.command("set-password")
+def set_password_command(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="User name, such as 'alice'.")
+    ],
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from the first line of standard input.",
+        ),
+    ] = False,
+) -> None:
+    """Set a user's new password; this ends all of the user's portal sessions.
+
+    Use it when a user forgot the password, or to lock out a stolen session.
+    It also clears the user's failed sign-ins.
+    """
+    try:
+        password = check_password(_read_password(password_stdin))
+        with open_database(load_settings()) as engine:
+            user = set_password(engine, name, password, _administrator())
+    except InvalidInputError as error:
+        typer.echo(f"error: {error.field}: {error.message}", err=True)
+        raise typer.Exit(2) from None
+    except NotFoundError:
+        typer.echo(
+            f"error: no user is named {name!r}; list them with 'otaflow users list'",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    typer.echo(f"set a new password for user {user.name}; their sessions have ended")
 
 
 @app.command("list")

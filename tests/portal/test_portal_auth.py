@@ -19,6 +19,7 @@ from otaflow.users import (
     Role,
     create_user,
     set_disabled,
+    set_password,
 )
 from tests.portal.conftest import Users
 from tests.portal.portal_support import (
@@ -282,8 +283,10 @@ def test_login_success_clears_user_failures(
     assert response.status_code == 401
 
 
-def test_logout_clears_session(app: FastAPI, users: Users, engine: Engine) -> None:
-    client = signed_in(app, users.viewer)
+def test_logout_clears_session(app: FastAPI, engine: Engine, product: str) -> None:
+    # A user of its own, because signing out ends every session of the user.
+    create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
+    client = signed_in(app, product)
     token = csrf_token(client, "/releases")
 
     response = client.post("/logout", data={"csrf_token": token})
@@ -292,6 +295,70 @@ def test_logout_clears_session(app: FastAPI, users: Users, engine: Engine) -> No
     assert response.headers["location"] == "/login"
     assert client.get("/releases").status_code == 303
     assert audit_entries(engine, "logout", target=client.address)
+
+
+def test_logout_ends_copied_session_cookie(
+    app: FastAPI, engine: Engine, product: str
+) -> None:
+    create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
+    client = signed_in(app, product)
+    copy = new_client(app)
+    copy.cookies.set(SESSION_COOKIE, client.cookies[SESSION_COOKIE])
+    assert copy.get("/releases").status_code == 200
+
+    client.post("/logout", data={"csrf_token": csrf_token(client, "/releases")})
+
+    assert copy.get("/releases").status_code == 303
+
+
+def test_logout_ends_other_browser_sessions(
+    app: FastAPI, engine: Engine, product: str
+) -> None:
+    create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
+    laptop = signed_in(app, product)
+    phone = signed_in(app, product)
+
+    laptop.post("/logout", data={"csrf_token": csrf_token(laptop, "/releases")})
+
+    assert phone.get("/releases").status_code == 303
+    assert signed_in(app, product).get("/releases").status_code == 200
+
+
+def test_new_password_ends_sessions(app: FastAPI, engine: Engine, product: str) -> None:
+    create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
+    client = signed_in(app, product)
+    new_password = "another long password"
+
+    set_password(engine, product, new_password, "tests")
+
+    assert client.get("/releases").status_code == 303
+    assert log_in(new_client(app), product).status_code == 401
+    assert log_in(new_client(app), product, new_password).status_code == 303
+    assert audit_entries(engine, "user.password", target=product)
+
+
+def test_new_password_clears_failed_logins(
+    app: FastAPI, engine: Engine, product: str
+) -> None:
+    _lock_out(app, engine, product)
+    assert log_in(new_client(app), product).status_code == 429
+
+    set_password(engine, product, PASSWORD, "tests")
+
+    assert log_in(new_client(app), product).status_code == 303
+
+
+def test_cookie_without_generation_is_generation_zero(
+    app: FastAPI, engine: Engine, product: str
+) -> None:
+    user = create_user(engine, product, Role.VIEWER, PASSWORD, "tests")
+    signer = app.state.portal.signer
+    # A cookie in the form issued before sessions had generations.
+    cookie = signer._sessions.dumps({"csrf": "token", "uid": user.id})
+    client = new_client(app)
+    client.cookies.set(SESSION_COOKIE, cookie)
+
+    assert client.get("/releases").status_code == 200
 
 
 @pytest.mark.parametrize("path", PAGES)

@@ -172,6 +172,11 @@ def current_user(
     row = _load_user(portal.engine, session.user_id)
     if row is None or row.id is None:
         raise LoginRequiredError("sign in to continue")
+    if row.session_generation != session.generation:
+        # The user signed out, or got a new password, after this cookie was
+        # issued.
+        logger.info("rejected an ended session of user %s", row.name)
+        raise LoginRequiredError("your session has ended; sign in again")
     user = PortalUser(id=row.id, name=row.name, role=Role(row.role))
     request.state.portal_user = user
     return user

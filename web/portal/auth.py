@@ -14,9 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse, Response
 
-from otaflow.audit import record_audit
-from otaflow.db import session_scope
-from otaflow.users import LoginRateLimitedError, LoginRequest, authenticate
+from otaflow.users import LoginRateLimitedError, LoginRequest, authenticate, sign_out
 from web.portal.access import (
     CsrfChecked,
     PortalDep,
@@ -84,17 +82,17 @@ async def login(
         return render(request, "login.html", context, status_code=401)
 
     response = RedirectResponse(safe_next(form.next), status_code=303)
-    save_session(response, portal, portal.signer.new_session(user.id))
+    new_session = portal.signer.new_session(user.id, user.session_generation)
+    save_session(response, portal, new_session)
     return response
 
 
 @router.post("/logout", dependencies=[CsrfChecked])
-def logout(request: Request, user: ViewerDep, portal: PortalDep) -> Response:
+async def logout(request: Request, user: ViewerDep, portal: PortalDep) -> Response:
     client = request.client.host if request.client else "unknown"
-    with session_scope(portal.engine) as session:
-        record_audit(session, user.actor, "logout", client)
+    # Signing out ends every session of the user, in other browsers too,
+    # because the cookies carry the generation that this increases.
+    await run_in_threadpool(sign_out, portal.engine, user.id, client)
     response = RedirectResponse("/login", status_code=303)
-    # NOTE: sessions live in signed cookies, not on the server, so a copy of
-    # this cookie stays valid until it expires unless the user is disabled.
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

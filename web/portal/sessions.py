@@ -1,9 +1,11 @@
 """Signed session cookies, CSRF tokens and one-time form nonces of the portal.
 
 A session is a cookie signed with ``itsdangerous``. It contains the user id
-(absent before sign-in), a random CSRF token and the time it was issued, and
-expires ``SESSION_MAX_AGE`` after sign-in. Each request reloads the user, so
-a role change or a disabled account takes effect at once.
+(absent before sign-in), the user's session generation, a random CSRF token
+and the time it was issued, and expires ``SESSION_MAX_AGE`` after sign-in.
+Each request reloads the user, so a role change or a disabled account takes
+effect at once, and a cookie of an older generation (the user signed out, or
+got a new password) no longer signs anyone in.
 
 Action forms also carry a nonce: a signed random value that the server
 accepts once (``UsedFormNonce``), so a double click or a resent form sends one
@@ -48,6 +50,7 @@ class PortalSession:
 
     csrf_token: str
     user_id: int | None = None
+    generation: int = 0
 
 
 def load_session_secret(settings: Settings) -> str:
@@ -92,12 +95,22 @@ class SessionSigner:
         self._sessions = URLSafeTimedSerializer(secret, salt="otaflow.portal.session")
         self._nonces = URLSafeTimedSerializer(secret, salt="otaflow.portal.nonce")
 
-    def new_session(self, user_id: int | None = None) -> PortalSession:
-        return PortalSession(csrf_token=secrets.token_urlsafe(24), user_id=user_id)
+    def new_session(
+        self, user_id: int | None = None, generation: int = 0
+    ) -> PortalSession:
+        return PortalSession(
+            csrf_token=secrets.token_urlsafe(24),
+            user_id=user_id,
+            generation=generation,
+        )
 
     def dump_session(self, session: PortalSession) -> str:
         return self._sessions.dumps(
-            {"csrf": session.csrf_token, "uid": session.user_id}
+            {
+                "csrf": session.csrf_token,
+                "uid": session.user_id,
+                "gen": session.generation,
+            }
         )
 
     def load_session(self, cookie: str) -> PortalSession | None:
@@ -106,9 +119,13 @@ class SessionSigner:
         if not isinstance(data, dict):
             return None
         csrf, user_id = data.get("csrf"), data.get("uid")
+        # Cookies issued before generations existed have none: generation 0.
+        generation = data.get("gen", 0)
         if not isinstance(csrf, str) or not isinstance(user_id, int | None):
             return None
-        return PortalSession(csrf_token=csrf, user_id=user_id)
+        if not isinstance(generation, int):
+            return None
+        return PortalSession(csrf_token=csrf, user_id=user_id, generation=generation)
 
     def issue_nonce(self, user_id: int) -> str:
         return self._nonces.dumps({"n": secrets.token_urlsafe(16), "u": user_id})
