@@ -20,6 +20,7 @@ from otaflow.protocol import (
     DeviceState,
     FailureReason,
     HealthReport,
+    InstallCommand,
     StatusReport,
     encode,
 )
@@ -109,20 +110,29 @@ class Reporter:
         reason: FailureReason | None = None,
         detail: str | None = None,
         version: str | None = None,
+        command: InstallCommand | None = None,
     ) -> None:
-        """Record ``state`` for the release and send it, unless it would go back."""
+        """Record ``state`` for the release and send it, unless it would go back.
+
+        ``command`` is stored with the release and kept by later reports until
+        the release finishes.
+        """
         known = self._record.releases.get(release_id)
         if known is not None and STATE_RANK[state] < STATE_RANK[known.state]:
-            # A download that starts over after ``downloaded`` lands here:
-            # states only move forward, so the earlier one is not sent again.
+            # A download that starts over after ``downloaded`` lands here, and
+            # so does an install resumed after a restart. States only move
+            # forward, so the earlier one is not sent again.
             return
         if detail is not None:
             detail = detail[:MAX_DETAIL_CHARS]
-        if version is None and known is not None:
-            version = known.version
+        if known is not None:
+            version = version if version is not None else known.version
+            command = command if command is not None else known.command
         release = ReleaseRecord(
             state=state, reason=reason, detail=detail, version=version
         )
+        if not release.finished:
+            release = release.model_copy(update={"command": command})
         self._record.set_release(release_id, release)
         await self.resend(release_id, release, progress)
 

@@ -20,7 +20,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from otaflow.errors import InvalidInputError
-from otaflow.protocol import FINISHED_STATES, DeviceState, FailureReason
+from otaflow.protocol import (
+    FINISHED_STATES,
+    DeviceState,
+    FailureReason,
+    InstallCommand,
+)
 from otaflow.trust import DeviceTrust
 
 SlotName = Literal["a", "b"]
@@ -51,7 +56,13 @@ class Slot(BaseModel):
 
 
 class ReleaseRecord(BaseModel):
-    """The last state this device reported for one release."""
+    """The last state this device reported for one release.
+
+    ``command`` is the install command as received, kept until the release
+    finishes so that a restarted device can run the install again. The
+    command is signed, and a resumed install checks it again. It is None in
+    state files written before devices stored it.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -59,6 +70,7 @@ class ReleaseRecord(BaseModel):
     reason: FailureReason | None = None
     detail: str | None = None
     version: str | None = None
+    command: InstallCommand | None = None
 
     @property
     def finished(self) -> bool:
