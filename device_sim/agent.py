@@ -14,6 +14,12 @@ rejected manifest leaves slots and stored state as they were. Installs run
 one at a time in arrival order. A release is handled once: a repeated
 install command re-reports the state the release reached.
 
+A device stores each install command with its release until the release
+finishes. After a restart it runs an install that had not reached
+``rebooting`` again from the manifest checks, downloads the image from the
+first byte, and continues the install. A stored command that is no longer
+valid fails the release with the reason of the failed check.
+
 A virtual device simulates its boots from its behaviour profile. A device
 given a ``Bootloader`` (a lab device, ``device_sim.lab``) writes each image
 into a real slot file and boots it, and the bootloader decides whether a
@@ -33,7 +39,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from device_sim.blobs import BlobStore
-from device_sim.download import DownloadJob, ImageDownloader
+from device_sim.download import DownloadJob, ImageDownloader, presigned_url_expiry
 from device_sim.profiles import Behaviour
 from device_sim.reports import ConsoleCapture, Reporter
 from device_sim.slots import DeviceRecord, ReleaseRecord, Slot, SlotName
@@ -120,13 +126,30 @@ class DeviceAgent:
         return self.record.device_id
 
     def start(self) -> None:
-        """Finish what a restart interrupted: a trial boot or a half-done install."""
+        """Finish what a restart interrupted: a trial boot or a half-done install.
+
+        An install that had not reached ``rebooting`` runs again from its
+        stored command, in the order the releases were last reported.
+        """
         if self.record.trial is not None:
             release_id = self.record.trial.release_id
             self._spawn(self._resume_trial(release_id), release_id=release_id)
         for release_id, release in list(self.record.releases.items()):
-            if not release.finished and release.state is not DeviceState.REBOOTING:
+            if release.finished or release.state is DeviceState.REBOOTING:
+                continue
+            if release.command is None:
                 self._spawn(self._report_interrupted(release_id, release.state))
+                continue
+            logger.info(
+                "device %s: resuming the install of release %s, interrupted while %s",
+                self.device_id,
+                release_id,
+                release.state.value,
+            )
+            self._spawn(
+                self._install(release.command, resumed_from=release.state),
+                release_id=release_id,
+            )
 
     async def power_on(self) -> None:
         """Boot the active slot of a device with a bootloader, unless a trial is due.
@@ -178,12 +201,22 @@ class DeviceAgent:
             return
         self._spawn(self._install(command), release_id=release_id)
 
-    async def _install(self, command: InstallCommand) -> None:
+    async def _install(
+        self, command: InstallCommand, *, resumed_from: DeviceState | None = None
+    ) -> None:
+        """Run the install of ``command`` and report how it ends.
+
+        ``resumed_from`` is the state a restart interrupted the install in,
+        or None for a command that just arrived.
+        """
         release_id = command.release_id
         try:
-            await self._report_status(release_id, DeviceState.RECEIVED)
+            if resumed_from is None:
+                await self._report_status(
+                    release_id, DeviceState.RECEIVED, command=command
+                )
             async with self._install_lock:
-                await self._run_install(command)
+                await self._run_install(command, resumed_from)
         except _InstallStoppedError:
             logger.info("device %s: install of %s stopped", self.device_id, release_id)
         except ManifestRejectedError as error:
@@ -192,7 +225,9 @@ class DeviceAgent:
             detail = f"cannot store the image: {error}"
             await self._report_failure(release_id, FailureReason.STORAGE_ERROR, detail)
 
-    async def _run_install(self, command: InstallCommand) -> None:
+    async def _run_install(
+        self, command: InstallCommand, resumed_from: DeviceState | None
+    ) -> None:
         release_id = command.release_id
         await self._step(release_id)
         manifest = self._check_command(command)
@@ -203,7 +238,14 @@ class DeviceAgent:
             await self._report_already_running(release_id, manifest)
             return
 
-        await self._fetch_image(command, manifest)
+        detail = None
+        if resumed_from is not None:
+            self._check_url_expiry(command)
+            detail = (
+                f"install resumed after a restart while {resumed_from.value};"
+                " downloading the image from the first byte"
+            )
+        await self._fetch_image(command, manifest, detail)
         await self._step(release_id)
         await self._report_status(release_id, DeviceState.INSTALLING)
         await self._step(release_id)
@@ -268,6 +310,23 @@ class DeviceAgent:
             )
         return manifest
 
+    def _check_url_expiry(self, command: InstallCommand) -> None:
+        """Raise ``download_failed`` if the command's presigned URL has expired.
+
+        Only a resumed install checks this before downloading, because its
+        URL may have expired while the device was off. A fresh command with
+        an expired URL fails on the HTTP 403 instead.
+        """
+        expires = presigned_url_expiry(command.url)
+        now = trusted_now(self._trust, datetime.now(UTC))
+        if expires is not None and now >= expires:
+            raise ManifestRejectedError(
+                FailureReason.DOWNLOAD_FAILED.value,
+                f"the presigned image URL expired at {expires.isoformat()}, before"
+                " the restarted device could download the image again; retry with a"
+                " new release",
+            )
+
     @property
     def _trust(self) -> DeviceTrust:
         trust = self.record.trust
@@ -302,10 +361,17 @@ class DeviceAgent:
             )
         return None
 
-    async def _fetch_image(self, command: InstallCommand, manifest: Manifest) -> None:
-        """Download and check the image until the fleet's blob store contains it."""
+    async def _fetch_image(
+        self, command: InstallCommand, manifest: Manifest, detail: str | None
+    ) -> None:
+        """Download and check the image until the fleet's blob store contains it.
+
+        ``detail`` goes with the first ``downloading`` report.
+        """
         release_id = command.release_id
-        await self._report_status(release_id, DeviceState.DOWNLOADING, progress=0.0)
+        await self._report_status(
+            release_id, DeviceState.DOWNLOADING, progress=0.0, detail=detail
+        )
         job = DownloadJob(
             device_id=self.device_id,
             url=command.url,
@@ -485,6 +551,7 @@ class DeviceAgent:
         reason: FailureReason | None = None,
         detail: str | None = None,
         version: str | None = None,
+        command: InstallCommand | None = None,
     ) -> None:
         await self.reporter.status(
             release_id,
@@ -493,6 +560,7 @@ class DeviceAgent:
             reason=reason,
             detail=detail,
             version=version,
+            command=command,
         )
 
     async def _report_failure(
@@ -520,14 +588,21 @@ class DeviceAgent:
             await self.send_health()
 
     async def _report_interrupted(self, release_id: str, state: DeviceState) -> None:
-        # TODO: resume the download from the stored command instead of failing
-        # the release; a restarted device now needs a new release to retry.
+        """Fail a release that a restart interrupted and that has no stored command.
+
+        Only state files written before devices stored install commands lack
+        one.
+        """
         reason = (
             FailureReason.STORAGE_ERROR
             if state is DeviceState.INSTALLING
             else FailureReason.DOWNLOAD_FAILED
         )
-        detail = f"the device restarted while {state.value}; the image was discarded"
+        detail = (
+            f"the device restarted while {state.value} and its stored state has no"
+            " install command to resume from; the image was discarded, retry with"
+            " a new release"
+        )
         await self._report_failure(release_id, reason, detail)
 
     # Plumbing

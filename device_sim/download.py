@@ -14,7 +14,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -157,6 +158,26 @@ class ImageDownloader:
                 await job.on_progress(round(fraction, 3))
                 while next_progress <= fraction:
                     next_progress += PROGRESS_STEP
+
+
+def presigned_url_expiry(url: str) -> datetime | None:
+    """Return when an S3 presigned URL (Signature Version 4) expires.
+
+    The expiry is ``X-Amz-Date`` plus ``X-Amz-Expires`` seconds. Returns None
+    when either query parameter is missing or invalid, as in a URL that is
+    not presigned.
+    """
+    query = parse_qs(urlsplit(url).query)
+    signed_at_values = query.get("X-Amz-Date")
+    lifetime_values = query.get("X-Amz-Expires")
+    if not signed_at_values or not lifetime_values:
+        return None
+    try:
+        signed_at = datetime.strptime(signed_at_values[0], "%Y%m%dT%H%M%SZ")
+        lifetime_s = int(lifetime_values[0])
+    except ValueError:
+        return None
+    return signed_at.replace(tzinfo=UTC) + timedelta(seconds=lifetime_s)
 
 
 def _check_response(response: httpx.Response, declared_size: int) -> None:
