@@ -228,6 +228,27 @@ def test_ingest_moves_target_forward_only(
     assert row.last_seq == 3
 
 
+def test_ingest_accepts_restarted_download(
+    engine: Engine, ingest_settings: Settings, publisher: Callable[[str, bytes], None]
+) -> None:
+    # A device that restarts mid-download reports ``downloading`` again from
+    # progress 0 with higher sequence numbers, and the target follows it.
+    device_id = new_device_id()
+    add_target(engine, device_id)
+    topic = device_topic(device_id, Channel.STATUS)
+    with RunningIngest(ingest_settings, engine):
+        publisher(topic, status(device_id, 1, DeviceState.DOWNLOADING, progress=0.0))
+        publisher(topic, status(device_id, 2, DeviceState.DOWNLOADING, progress=0.75))
+        publisher(topic, status(device_id, 3, DeviceState.DOWNLOADING, progress=0.0))
+        publisher(topic, status(device_id, 4, DeviceState.DOWNLOADING, progress=0.25))
+        wait_until(lambda: event_count(engine, device_id) == 4)
+    row = target(engine, device_id)
+    assert row is not None
+    assert row.state == DeviceState.DOWNLOADING.value
+    assert row.progress == 0.25
+    assert row.last_seq == 4
+
+
 def test_ingest_writes_repeated_message_once(
     engine: Engine, ingest_settings: Settings, publisher: Callable[[str, bytes], None]
 ) -> None:
