@@ -41,8 +41,8 @@ RETIRED = "retired"
 class DeviceCaStatus:
     """One device CA with the device certificates of it that still connect.
 
-    ``valid_certificates`` lists (device id, serial) of every certificate
-    that has neither expired nor been revoked.
+    ``valid_certificates`` lists (device id, serial) of each device whose
+    newest certificate is of this CA and has neither expired nor been revoked.
     """
 
     common_name: str
@@ -187,16 +187,23 @@ def _remaining_message(remaining: Sequence[DeviceCaStatus]) -> str:
 def _valid_certificates_by_issuer(
     engine: Engine, legacy_issuer: str
 ) -> dict[str, list[tuple[str, str]]]:
+    """Group each device's newest certificate by issuer, if it is still valid.
+
+    A certificate that a renewal replaced does not count, although it stays
+    valid until it expires, because its device connects with the newer one.
+    """
     now = utc_now()
     with session_scope(engine) as session:
         rows = session.exec(
-            select(DeviceCertificate)
-            .where(col(DeviceCertificate.revoked_at).is_(None))
-            .where(col(DeviceCertificate.not_after) > now)
-            .order_by(col(DeviceCertificate.device_id))
+            select(DeviceCertificate).order_by(
+                col(DeviceCertificate.device_id), col(DeviceCertificate.issued_at)
+            )
         ).all()
+    newest = {row.device_id: row for row in rows}
     grouped: dict[str, list[tuple[str, str]]] = {}
-    for row in rows:
+    for row in newest.values():
+        if row.revoked_at is not None or row.not_after <= now:
+            continue
         issuer = row.issuer_fingerprint or legacy_issuer
         grouped.setdefault(issuer, []).append((row.device_id, row.serial))
     return grouped

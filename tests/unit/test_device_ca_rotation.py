@@ -267,3 +267,29 @@ def test_retire_with_force_names_devices(engine: Engine, pki: ProjectPki) -> Non
     assert "device_ca.rotate" in actions
     assert "device_ca.retire" in actions
     assert "device_ca.broker_certificate" in actions
+
+
+def test_status_ignores_renewed_certificates(engine: Engine, pki: ProjectPki) -> None:
+    old_serial = enroll(engine, pki, "dev-renewed")
+    rotate_device_ca(engine, pki, actor="tests")
+    now = utc_now()
+    with Session(engine) as session:
+        session.add(
+            DeviceCertificate(
+                serial="abc123",
+                device_id="dev-renewed",
+                fingerprint_sha256="0" * 64,
+                not_before=now - CLOCK_SKEW,
+                not_after=now + dt.timedelta(days=1),
+                issued_at=now + dt.timedelta(seconds=1),
+                issued_for="renewal",
+                issuer_fingerprint=pki.device_ca().fingerprint,
+            )
+        )
+        session.commit()
+
+    statuses = {status.state: status for status in device_ca_status(engine, pki)}
+
+    assert statuses[PREVIOUS].valid_certificates == ()
+    assert statuses[ACTIVE].valid_certificates == (("dev-renewed", "abc123"),)
+    assert old_serial != "abc123"
