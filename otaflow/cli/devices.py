@@ -268,8 +268,9 @@ def rotate_ca() -> None:
         )
     _reload_broker(settings, pki)
     typer.echo(
-        "devices move to the new CA when they renew; check with"
-        " 'otaflow devices ca status', then run 'otaflow devices ca retire'"
+        "next: restart the ingest, which loads the trust bundle only at start;"
+        " devices move to the new CA when they renew (check with 'otaflow"
+        " devices ca status'); then run 'otaflow devices ca retire'"
     )
 
 

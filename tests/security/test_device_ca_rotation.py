@@ -192,10 +192,10 @@ async def test_rotation_keeps_fleet_connected(
         assert issuer_of(newcomer) == new_ca.certificate.subject
         assert await connects(settings, newcomer.tls_context(), "carot-new")
 
-        refused = await asyncio.to_thread(run_ca, settings, "retire")
-        assert refused.returncode == 1
+        rejected = await asyncio.to_thread(run_ca, settings, "retire")
+        assert rejected.returncode == 1
         for device_id in [*fleet.devices, "carot-loner"]:
-            assert device_id in refused.stderr, refused.stderr
+            assert device_id in rejected.stderr, rejected.stderr
         assert len(pki.trusted_device_cas()) == 2
 
         outcome = await release(settings, image, PRODUCT, "2.0.0", policy_file)
