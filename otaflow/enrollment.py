@@ -70,13 +70,19 @@ class EnrollmentAuthError(EnrollmentRejectedError):
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """Certificate and CA chain that the enrollment endpoint returns to a device."""
+    """Certificate and CA chain that the enrollment endpoint returns to a device.
+
+    ``ca_chain_pem`` is the trust bundle: every trusted device CA, so a
+    device that enrolls or renews during a CA rotation trusts the broker
+    certificate of either CA.
+    """
 
     device_id: str
     certificate_pem: str
     ca_chain_pem: str
     serial: str
     not_after: datetime
+    issuer_fingerprint: str
 
 
 def hash_enrollment_token(token: str) -> str:
@@ -318,7 +324,7 @@ def write_crl(engine: Engine, pki: ProjectPki) -> int:
             .where(col(DeviceCertificate.not_after) > now)
         ).all()
     entries = [
-        RevokedSerial(int(row.serial, 16), row.revoked_at)
+        RevokedSerial(int(row.serial, 16), row.revoked_at, row.issuer_fingerprint)
         for row in rows
         if row.revoked_at is not None
     ]
@@ -391,12 +397,15 @@ def _issue(
         not_before=now - CLOCK_SKEW,
         not_after=now + validity,
     )
+    if not pki.device_ca_bundle_file.exists():
+        pki.write_trust_bundle()
     return IssuedCertificate(
         device_id=device_id,
         certificate_pem=certificate_pem(certificate).decode(),
-        ca_chain_pem=certificate_pem(authority.certificate).decode(),
+        ca_chain_pem=pki.device_ca_bundle_file.read_text(),
         serial=serial_hex(certificate),
         not_after=certificate.not_valid_after_utc,
+        issuer_fingerprint=authority.fingerprint,
     )
 
 
@@ -413,6 +422,7 @@ def _record_certificate(
             not_after=certificate.not_valid_after_utc,
             issued_at=now,
             issued_for=purpose,
+            issuer_fingerprint=issued.issuer_fingerprint,
         )
     )
 
@@ -439,9 +449,11 @@ def _parse_certificate(text: str) -> x509.Certificate:
 def _check_current_certificate(
     pki: ProjectPki, certificate: x509.Certificate, now: datetime
 ) -> None:
-    if not pki.device_ca().issued(certificate):
+    # A certificate of a previous CA that is still trusted renews onto the
+    # active CA, which is how devices move to a new CA during a rotation.
+    if pki.trusted_issuer_of(certificate) is None:
         raise EnrollmentAuthError(
-            "certificate", None, "the certificate was not issued by the device CA"
+            "certificate", None, "the certificate was not issued by a trusted device CA"
         )
     if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc:
         raise EnrollmentAuthError(

@@ -351,6 +351,13 @@ class DeviceCertificate(SQLModel, table=True):
     not_after: datetime = Field(sa_column=_timestamp())
     issued_at: datetime = Field(default_factory=utc_now, sa_column=_timestamp())
     issued_for: str = Field(max_length=20, description="enrollment or renewal")
+    issuer_fingerprint: str | None = Field(
+        default=None,
+        max_length=64,
+        description="SHA-256 fingerprint of the issuing device CA. It is None"
+        " for certificates issued before device CA rotation existed, which the"
+        " oldest device CA issued",
+    )
     revoked_at: datetime | None = Field(
         default=None, sa_column=_timestamp(nullable=True)
     )

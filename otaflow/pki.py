@@ -6,6 +6,8 @@ Both CAs use ECDSA P-256 keys and live in ``<state_dir>/pki``, created by
 - The **device CA** signs one client certificate per device, whose subject
   CN is the device id, and the broker's server certificate. Devices trust it
   to authenticate the broker. Its CRL lists revoked device certificates.
+  ``otaflow devices ca rotate`` replaces it: the new CA issues from then on,
+  and the previous one stays trusted until ``otaflow devices ca retire``.
 - The **service CA** signs the client certificates of the server-side MQTT
   identities (ingest, dispatch, probe). The broker's service listener trusts
   only this CA, so a device certificate can never open a connection there.
@@ -146,10 +148,16 @@ def not_valid_after(certificate: x509.Certificate) -> dt.datetime:
 
 @dataclass(frozen=True)
 class RevokedSerial:
-    """One entry of the CRL."""
+    """One entry of the CRL.
+
+    ``issuer_fingerprint`` is the SHA-256 fingerprint of the CA that issued
+    the certificate. None, for certificates recorded before the column
+    existed, puts the entry into the CRL of every trusted CA.
+    """
 
     serial: int
     revoked_at: dt.datetime
+    issuer_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,15 +272,31 @@ class CertificateAuthority:
             return False
         return True
 
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_sha256(self.certificate)
+
+    @property
+    def common_name(self) -> str:
+        return common_name_of(self.certificate.subject)
+
     def build_crl(
         self, revoked: Iterable[RevokedSerial], *, now: dt.datetime | None = None
     ) -> x509.CertificateRevocationList:
         now = now or utc_now()
+        # The authority key identifier lets a verifier pick this CA's CRL even
+        # where its store contains CRLs of several CAs.
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
             .last_update(now - CLOCK_SKEW)
             .next_update(now + CRL_VALIDITY)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.private_key.public_key()
+                ),
+                critical=False,
+            )
         )
         for entry in revoked:
             builder = builder.add_revoked_certificate(
@@ -313,6 +337,10 @@ class ProjectPki:
     """The files of the project PKI in one directory.
 
     ``ensure`` creates what is missing; the other methods read what it made.
+    The active device CA is ``device-ca.pem`` and ``device-ca.key``. After a
+    rotation, the CAs it replaced stay trusted in ``device-ca-previous/``
+    until they are retired to ``device-ca-retired/``, which keeps only their
+    certificates.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -327,6 +355,31 @@ class ProjectPki:
         return self.directory / "device-ca.key"
 
     @property
+    def device_ca_bundle_file(self) -> Path:
+        """The certificates of every trusted device CA, the active one first.
+
+        The broker's device listener verifies client certificates with it,
+        and devices and services verify the broker with it.
+        """
+        return self.directory / "device-ca-bundle.pem"
+
+    @property
+    def previous_device_ca_dir(self) -> Path:
+        return self.directory / "device-ca-previous"
+
+    @property
+    def retired_device_ca_dir(self) -> Path:
+        return self.directory / "device-ca-retired"
+
+    @property
+    def next_device_ca_file(self) -> Path:
+        return self.directory / "device-ca-next.pem"
+
+    @property
+    def next_device_ca_key_file(self) -> Path:
+        return self.directory / "device-ca-next.key"
+
+    @property
     def service_ca_file(self) -> Path:
         return self.directory / "service-ca.pem"
 
@@ -336,6 +389,11 @@ class ProjectPki:
 
     @property
     def crl_file(self) -> Path:
+        """One CRL per trusted device CA, concatenated.
+
+        OpenSSL, with CRL checking on as Mosquitto 2.0 sets it, rejects a
+        client certificate whose issuer has no CRL in this file.
+        """
         return self.directory / "device-ca.crl"
 
     @property
@@ -353,13 +411,47 @@ class ProjectPki:
                 "identity", name, f"expected one of {', '.join(SERVICE_IDENTITIES)}"
             )
         return TlsFiles(
-            ca_file=self.device_ca_file,
+            ca_file=self.device_ca_bundle_file,
             cert_file=self.directory / "services" / f"{name}.pem",
             key_file=self.directory / "services" / f"{name}.key",
         )
 
     def device_ca(self) -> CertificateAuthority:
+        """Return the active device CA, which issues every new certificate."""
         return CertificateAuthority.load(self.device_ca_file, self.device_ca_key_file)
+
+    def previous_device_cas(self) -> list[CertificateAuthority]:
+        """Return the replaced device CAs that are still trusted, oldest first."""
+        authorities = [
+            CertificateAuthority.load(cert_file, cert_file.with_suffix(".key"))
+            for cert_file in sorted(self.previous_device_ca_dir.glob("*.pem"))
+        ]
+        return sorted(authorities, key=lambda ca: ca.certificate.not_valid_before_utc)
+
+    def trusted_device_cas(self) -> list[CertificateAuthority]:
+        """Return the active device CA followed by the previous ones."""
+        active = self.device_ca()
+        previous = [
+            ca
+            for ca in self.previous_device_cas()
+            if ca.fingerprint != active.fingerprint
+        ]
+        return [active, *previous]
+
+    def retired_device_ca_certificates(self) -> list[x509.Certificate]:
+        return [
+            x509.load_pem_x509_certificate(path.read_bytes())
+            for path in sorted(self.retired_device_ca_dir.glob("*.pem"))
+        ]
+
+    def trusted_issuer_of(
+        self, certificate: x509.Certificate
+    ) -> CertificateAuthority | None:
+        """Return the trusted device CA that signed ``certificate``, if any."""
+        for authority in self.trusted_device_cas():
+            if authority.issued(certificate):
+                return authority
+        return None
 
     def service_ca(self) -> CertificateAuthority:
         return CertificateAuthority.load(self.service_ca_file, self.service_ca_key_file)
@@ -370,40 +462,149 @@ class ProjectPki:
         """Create the CAs, broker and service certificates and CRL where missing.
 
         The broker certificate is issued again when it lacks one of
-        ``broker_names`` (host names or IP addresses clients connect to), and
-        any leaf certificate when it expires within 30 days.
+        ``broker_names`` (host names or IP addresses clients connect to), when
+        its CA is no longer trusted, and any leaf certificate when it expires
+        within 30 days.
         """
         now = now or utc_now()
-        device_ca = self._ensure_ca(
+        self._ensure_ca(
             DEVICE_CA_NAME, self.device_ca_file, self.device_ca_key_file, now
         )
         service_ca = self._ensure_ca(
             SERVICE_CA_NAME, self.service_ca_file, self.service_ca_key_file, now
         )
-        names = tuple(dict.fromkeys((*LOOPBACK_NAMES, *broker_names)))
-        if self._needs_issue(self.broker_cert_file, now, names):
-            self._issue_pair(
-                device_ca,
-                "otaflow-broker",
-                self.broker_cert_file,
-                self.broker_key_file,
-                now,
-                server_names=names,
-            )
+        self.ensure_broker_certificate(broker_names, now=now)
         for identity in SERVICE_IDENTITIES:
             files = self.service_identity(identity)
             if self._needs_issue(files.cert_file, now):
                 self._issue_pair(
                     service_ca, identity, files.cert_file, files.key_file, now
                 )
+        if not self.device_ca_bundle_file.exists():
+            self.write_trust_bundle()
         if not self.crl_file.exists():
             self.write_crl([], now=now)
+
+    def ensure_broker_certificate(
+        self, broker_names: Sequence[str], *, now: dt.datetime | None = None
+    ) -> bool:
+        """Issue the broker certificate again where needed; returns whether it did.
+
+        While a rotation is in progress, the broker keeps a certificate of
+        the CA that issued its current one, because devices enrolled before
+        the rotation trust only that CA. Once that CA is retired, the active
+        CA issues the broker certificate.
+        """
+        now = now or utc_now()
+        names = tuple(dict.fromkeys((*LOOPBACK_NAMES, *broker_names)))
+        issuer = self._broker_issuer()
+        if issuer is not None and not self._needs_issue(
+            self.broker_cert_file, now, names
+        ):
+            return False
+        self._issue_pair(
+            issuer or self.device_ca(),
+            "otaflow-broker",
+            self.broker_cert_file,
+            self.broker_key_file,
+            now,
+            server_names=names,
+        )
+        return True
+
+    def _broker_issuer(self) -> CertificateAuthority | None:
+        try:
+            certificate = x509.load_pem_x509_certificate(
+                self.broker_cert_file.read_bytes()
+            )
+        except (FileNotFoundError, ValueError):
+            return None
+        return self.trusted_issuer_of(certificate)
+
+    def write_trust_bundle(self) -> None:
+        """Write the certificates of every trusted device CA into the bundle."""
+        data = b"".join(
+            certificate_pem(ca.certificate) for ca in self.trusted_device_cas()
+        )
+        write_public_bytes(self.device_ca_bundle_file, data)
 
     def write_crl(
         self, revoked: Iterable[RevokedSerial], *, now: dt.datetime | None = None
     ) -> None:
-        crl = self.device_ca().build_crl(revoked, now=now)
-        write_public_bytes(self.crl_file, crl.public_bytes(serialization.Encoding.PEM))
+        """Write one CRL per trusted device CA with that CA's revoked serials."""
+        entries = list(revoked)
+        parts = []
+        for authority in self.trusted_device_cas():
+            own = [
+                entry
+                for entry in entries
+                if entry.issuer_fingerprint in (None, authority.fingerprint)
+            ]
+            crl = authority.build_crl(own, now=now)
+            parts.append(crl.public_bytes(serialization.Encoding.PEM))
+        write_public_bytes(self.crl_file, b"".join(parts))
+
+    def start_device_ca_rotation(
+        self, *, now: dt.datetime | None = None
+    ) -> tuple[CertificateAuthority, bool]:
+        """Make a new device CA active and keep the current one as previous.
+
+        Returns the active CA and whether this call created it. While a
+        previous CA is still trusted, nothing changes and the call returns
+        the active CA with False, so a rerun never stacks rotations. Each
+        file is written before the one that depends on it, so a rerun after
+        a crash completes the same rotation.
+        """
+        now = now or utc_now()
+        active = self.device_ca()
+        previous = {ca.fingerprint for ca in self.previous_device_cas()}
+        if previous and active.fingerprint not in previous:
+            self.next_device_ca_file.unlink(missing_ok=True)
+            self.next_device_ca_key_file.unlink(missing_ok=True)
+            return active, False
+        stem = self.previous_device_ca_dir / active.fingerprint[:16]
+        active.save(stem.with_suffix(".pem"), stem.with_suffix(".key"))
+        if self.next_device_ca_file.exists() and self.next_device_ca_key_file.exists():
+            created = CertificateAuthority.load(
+                self.next_device_ca_file, self.next_device_ca_key_file
+            )
+        else:
+            # OpenSSL finds an issuer and its CRL by subject name, so two
+            # trusted CAs with one name fail verification.
+            name = f"{DEVICE_CA_NAME} {now:%Y-%m-%dT%H:%M:%SZ}"
+            created = CertificateAuthority.create(name, now=now)
+            created.save(self.next_device_ca_file, self.next_device_ca_key_file)
+        created.save(self.device_ca_file, self.device_ca_key_file)
+        self.next_device_ca_file.unlink()
+        self.next_device_ca_key_file.unlink()
+        logger.info("device CA %s replaces %s", created.common_name, active.common_name)
+        return created, True
+
+    def retire_device_ca(self, fingerprint: str) -> CertificateAuthority:
+        """Stop trusting a previous device CA and delete its private key.
+
+        Its certificate moves to ``device-ca-retired/``. The caller writes
+        the trust bundle, the CRL and the broker certificate afterwards.
+        Raises ``InvalidInputError`` when no previous CA has ``fingerprint``.
+        """
+        for authority in self.previous_device_cas():
+            if authority.fingerprint != fingerprint:
+                continue
+            stem = self.previous_device_ca_dir / fingerprint[:16]
+            write_public_bytes(
+                self.retired_device_ca_dir / f"{fingerprint[:16]}.pem",
+                certificate_pem(authority.certificate),
+            )
+            stem.with_suffix(".key").unlink(missing_ok=True)
+            stem.with_suffix(".pem").unlink(missing_ok=True)
+            logger.info("retired device CA %s", authority.common_name)
+            return authority
+        raise InvalidInputError(
+            "fingerprint",
+            fingerprint,
+            "no previous device CA has this fingerprint; list them with"
+            " 'otaflow devices ca status'",
+        )
 
     def _ensure_ca(
         self, name: str, cert_file: Path, key_file: Path, now: dt.datetime

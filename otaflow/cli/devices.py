@@ -1,7 +1,7 @@
 """`otaflow devices`: enrollment tokens, device certificates and revocation.
 
-``token create``, ``certs`` and ``revoke`` act on the database and the PKI
-directly, so run them on the server host. ``enroll`` and ``renew`` act as a
+``token create``, ``certs``, ``revoke`` and ``ca`` act on the database and
+the PKI directly, so run them on the server host. ``enroll`` and ``renew`` act as a
 device does: they create the private key locally and send only a CSR to the
 enrollment API.
 """
@@ -27,7 +27,9 @@ from device_sim.identity import (
     ensure_identity,
 )
 from otaflow.cli.database import open_database
+from otaflow.device_ca import device_ca_status, retire_device_cas, rotate_device_ca
 from otaflow.devstack import LocalStack
+from otaflow.devstack.services import broker_names
 from otaflow.enrollment import (
     create_enrollment_tokens,
     list_certificates,
@@ -46,6 +48,11 @@ app = typer.Typer(
 )
 token_app = typer.Typer(no_args_is_help=True, help="Create enrollment tokens.")
 app.add_typer(token_app, name="token")
+ca_app = typer.Typer(
+    no_args_is_help=True,
+    help="Rotate the device CA: a new issuing CA, an overlap, then retirement.",
+)
+app.add_typer(ca_app, name="ca")
 
 IdentityDirOption = Annotated[
     Path,
@@ -231,6 +238,129 @@ def certs(
             f"{row.device_id}  {row.serial}  {row.issued_for}  until"
             f" {row.not_after:%Y-%m-%d %H:%M}  {state}"
         )
+
+
+@ca_app.command("rotate")
+def rotate_ca() -> None:
+    """Make a new device CA issue certificates; the current one stays trusted.
+
+    Writes the trust bundle (broker cafile and the chain devices receive)
+    and a CRL per trusted CA, then reloads the local broker. The broker
+    keeps its certificate from the old CA until 'otaflow devices ca retire'.
+    Running it again during a rotation rewrites the files without a new CA.
+    """
+    settings = load_settings()
+    pki = ProjectPki(settings.resolved_pki_dir)
+    try:
+        with open_database(settings) as engine:
+            result = rotate_device_ca(engine, pki, actor=_administrator())
+    except OtaflowError as error:
+        _fail(error)
+    if result.created:
+        typer.echo(
+            f"device CA {result.active.common_name} now issues certificates;"
+            f" still trusted: {', '.join(ca.common_name for ca in result.previous)}"
+        )
+    else:
+        typer.echo(
+            f"rotation already in progress: {result.active.common_name} issues"
+            " certificates; trust bundle and CRL written again"
+        )
+    _reload_broker(settings, pki)
+    typer.echo(
+        "next: restart the ingest, which loads the trust bundle only at start;"
+        " devices move to the new CA when they renew (check with 'otaflow"
+        " devices ca status'); then run 'otaflow devices ca retire'"
+    )
+
+
+@ca_app.command("status")
+def ca_status(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of text.")
+    ] = False,
+) -> None:
+    """List the device CAs, their validity and their valid device certificates."""
+    settings = load_settings()
+    pki = ProjectPki(settings.resolved_pki_dir)
+    try:
+        with open_database(settings) as engine:
+            statuses = device_ca_status(engine, pki)
+    except OtaflowError as error:
+        _fail(error)
+    if json_output:
+        rows = [
+            {
+                "common_name": status.common_name,
+                "fingerprint": status.fingerprint,
+                "state": status.state,
+                "not_before": status.not_before.isoformat(),
+                "not_after": status.not_after.isoformat(),
+                "valid_certificates": len(status.valid_certificates),
+                "devices": status.device_ids,
+            }
+            for status in statuses
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for status in statuses:
+        typer.echo(
+            f"{status.state:8}  {status.common_name}  {status.fingerprint[:16]}"
+            f"  valid {status.not_before:%Y-%m-%d} to {status.not_after:%Y-%m-%d}"
+            f"  {len(status.valid_certificates)} valid device certificate(s)"
+        )
+
+
+@ca_app.command("retire")
+def retire_ca(
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Retire even though devices still have valid certificates of a"
+            " previous CA; those devices can no longer connect.",
+        ),
+    ] = False,
+) -> None:
+    """Stop trusting the previous device CAs and reload the broker.
+
+    Rejected while a previous CA has valid device certificates, unless
+    --force. The broker certificate is issued again from the active CA.
+    """
+    settings = load_settings()
+    pki = ProjectPki(settings.resolved_pki_dir)
+    try:
+        with open_database(settings) as engine:
+            retired = retire_device_cas(
+                engine,
+                pki,
+                broker_names(settings),
+                actor=_administrator(),
+                force=force,
+            )
+    except OtaflowError as error:
+        _fail(error)
+    for status in retired:
+        typer.echo(f"retired device CA {status.common_name}")
+        if status.valid_certificates:
+            typer.echo(
+                f"these devices can no longer connect: {', '.join(status.device_ids)}"
+            )
+    if not retired:
+        typer.echo("no previous device CA is trusted; trust bundle and CRL written")
+    _reload_broker(settings, pki)
+
+
+def _reload_broker(settings: Settings, pki: ProjectPki) -> None:
+    if LocalStack(settings).reload_broker():
+        typer.echo("the local broker reloaded its CA bundle, certificate and CRL")
+        return
+    typer.echo(
+        f"the local broker is not running: copy {pki.device_ca_bundle_file},"
+        f" {pki.crl_file}, {pki.broker_cert_file} and {pki.broker_key_file} to"
+        " your broker and reload it (SIGHUP)",
+        err=True,
+    )
 
 
 def _run_identity(

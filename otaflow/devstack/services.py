@@ -367,7 +367,7 @@ class MosquittoService(Service):
             bind_host=self.settings.bind_host,
             mqtt_port=self.settings.mqtt_port,
             mqtt_service_port=self.settings.mqtt_service_port,
-            device_ca_file=pki.device_ca_file,
+            device_ca_bundle_file=pki.device_ca_bundle_file,
             service_ca_file=pki.service_ca_file,
             broker_cert_file=pki.broker_cert_file,
             broker_key_file=pki.broker_key_file,
