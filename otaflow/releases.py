@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
@@ -274,6 +275,7 @@ class ReleaseService:
             )
             return StartedRelease(existing, created=False)
 
+        await self._check_no_active_release(request)
         await to_thread.run_sync(self._upload, request.staging_key, image.path)
         try:
             release, previous = await to_thread.run_sync(
@@ -307,6 +309,59 @@ class ReleaseService:
                 f" {self._settings.s3_endpoint} ({error}); start the local stack"
                 " with 'otaflow dev up', or check the OTAFLOW_S3_* settings"
             ) from error
+
+    async def _check_no_active_release(self, request: ReleaseRequest) -> None:
+        """Raise ``ConflictError`` while another release targets the same devices.
+
+        Two releases of one product and hardware would each install their
+        build on the same devices, and the later wave of the older version
+        would downgrade devices that the newer one had updated. A row that is
+        not final but whose workflow no longer runs (terminated in the
+        Temporal UI, say) does not block.
+        """
+        # NOTE: two starts of different versions within the same moment can
+        # both pass this check, because it runs before the row is written.
+        for other in await to_thread.run_sync(self._active_releases_like, request):
+            if await self._workflow_running(other.id):
+                raise ConflictError(
+                    f"release {other.id} of product {other.product} on hardware"
+                    f" {other.hardware} is still {other.state}, and two releases"
+                    " must not update the same devices; wait until it ends, or"
+                    f" abort it with 'otaflow release abort {other.id} --comment"
+                    " TEXT'"
+                )
+            logger.warning(
+                "release %s is recorded as %s but its workflow is not running;"
+                " not letting it block release %s",
+                other.id,
+                other.state,
+                request.release_id,
+            )
+
+    def _active_releases_like(self, request: ReleaseRequest) -> list[Release]:
+        """List the releases of the request's product and hardware not yet final."""
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(Release).where(
+                    Release.product == request.product,
+                    Release.hardware == request.hardware,
+                    Release.id != request.release_id,
+                    col(Release.state).not_in([phase.value for phase in FINAL_PHASES]),
+                )
+            ).all()
+        return list(rows)
+
+    async def _workflow_running(self, release_id: str) -> bool:
+        client = await self._temporal.client()
+        try:
+            description = await client.get_workflow_handle(release_id).describe(
+                rpc_timeout=timedelta(seconds=QUERY_TIMEOUT_S)
+            )
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise self._temporal.unavailable(error) from error
+        return description.status == WorkflowExecutionStatus.RUNNING
 
     def _record_start(
         self, request: ReleaseRequest, existing: Release | None

@@ -178,12 +178,15 @@ def test_start_with_policy_of_earlier_release(
     manager: TestClient, engine: Engine, product: str, held_release: str
 ) -> None:
     source = f"release:{held_release}"
-    fields = start_form(product, version="1.0.1", policy_source=source, policy="")
+    # Other hardware, because the held release still runs on hw1.
+    fields = start_form(
+        product, hardware="hw2", version="1.0.1", policy_source=source, policy=""
+    )
 
     response = post_start(manager, fields)
 
     assert response.status_code == 200
-    release_id = release_id_for(product, "hw1", "1.0.1")
+    release_id = release_id_for(product, "hw2", "1.0.1")
     assert wait_for(lambda: release_state(engine, release_id) == "awaiting_approval")
 
 

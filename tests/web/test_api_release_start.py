@@ -454,6 +454,57 @@ def test_start_other_inputs_is_409(
     assert "publish the build under a new version" in message
 
 
+def test_start_while_other_version_runs_is_409(
+    client: TestClient, tokens: Tokens, settings: Settings, product: str
+) -> None:
+    running = post_release(client, tokens.write, product, policy=policy_yaml("held"))
+    other_sha256 = hashlib.sha256(b"build 1.1.0").hexdigest()
+
+    response = post_release(
+        client, tokens.write, product, image=b"build 1.1.0", version="1.1.0"
+    )
+
+    message = response.json()["error"]["message"]
+    assert running.status_code == 201
+    assert response.status_code == 409
+    assert f"release {product}:hw1:1.0.0" in message
+    assert f"otaflow release abort {product}:hw1:1.0.0" in message
+    assert staging_key(product, "hw1", "1.1.0", other_sha256) not in _staging_keys(
+        settings, product
+    )
+
+
+def test_start_other_hardware_while_release_runs_is_201(
+    client: TestClient, tokens: Tokens, product: str
+) -> None:
+    post_release(client, tokens.write, product, policy=policy_yaml("held"))
+
+    response = post_release(client, tokens.write, product, hardware="hw2")
+
+    assert response.status_code == 201
+
+
+def test_start_after_other_workflow_terminated_is_201(
+    client: TestClient,
+    tokens: Tokens,
+    background_loop: BackgroundLoop,
+    temporal_client: Client,
+    engine: Engine,
+    product: str,
+) -> None:
+    first = post_release(client, tokens.write, product, policy=policy_yaml("held"))
+    first_id = first.json()["release_id"]
+    handle = temporal_client.get_workflow_handle(first_id)
+    background_loop.run(handle.terminate(reason="test"))
+    release = _release(engine, first_id)
+    assert release is not None
+    assert release.state not in {"completed", "aborted", "failed"}
+
+    response = post_release(client, tokens.write, product, version="1.1.0")
+
+    assert response.status_code == 201
+
+
 def test_start_same_groups_in_other_order_returns_200(
     client: TestClient, tokens: Tokens, product: str
 ) -> None:
