@@ -70,10 +70,15 @@ class PolicyError(InvalidInputError):
         *,
         problems: Sequence[PolicyProblem] = (),
         source: str | None = None,
+        total_problems: int | None = None,
     ) -> None:
         super().__init__(field, value, message)
         self.problems = tuple(problems)
         self.source = source
+        # Problems found in all, including those left out of ``problems``.
+        self.total_problems = (
+            len(self.problems) if total_problems is None else total_problems
+        )
 
     def __str__(self) -> str:
         # The message names the invalid fields itself.
@@ -81,11 +86,21 @@ class PolicyError(InvalidInputError):
 
     @classmethod
     def from_problems(
-        cls, problems: Sequence[PolicyProblem], source: str | None = None
+        cls,
+        problems: Sequence[PolicyProblem],
+        source: str | None = None,
+        total_problems: int | None = None,
     ) -> PolicyError:
         first = problems[0]
         message = "\n".join(str(problem) for problem in problems)
-        return cls(first.field, first.value, message, problems=problems, source=source)
+        return cls(
+            first.field,
+            first.value,
+            message,
+            problems=problems,
+            source=source,
+            total_problems=total_problems,
+        )
 
 
 class ConflictError(OtaflowError):

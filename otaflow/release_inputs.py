@@ -150,4 +150,5 @@ def parse_policy(text: str | None, path: Path | None = None) -> RolloutPolicy:
             error.message,
             problems=error.problems,
             source=error.source,
+            total_problems=error.total_problems,
         ) from None

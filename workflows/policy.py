@@ -16,7 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from otaflow.errors import PolicyError, PolicyProblem
 from workflows.policy_errors import (
@@ -26,6 +33,13 @@ from workflows.policy_errors import (
 )
 
 DEFAULT_POLICY_RESOURCE = "default_policy.yaml"
+# Upper bounds of policy values. Larger values are typing mistakes rather
+# than plans, and a deadline beyond Python's datetime range would fail the
+# activities that compute with it.
+MAX_STAGES = 50
+MAX_DURATION_S = 30 * 24 * 3600
+MAX_DEVICE_COUNT = 10_000_000
+MAX_DISPATCH_RATE_PER_S = 100_000
 
 
 class GateMode(StrEnum):
@@ -88,13 +102,13 @@ class _StageInput(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     percent: float = Field(gt=0, le=100)
-    min_devices: int | None = Field(default=None, ge=0)
+    min_devices: int | None = Field(default=None, ge=0, le=MAX_DEVICE_COUNT)
     gate: GateMode | None = None
-    bake_s: float | None = Field(default=None, ge=0)
+    bake_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S)
     success_threshold: float | None = Field(default=None, gt=0, le=1)
-    max_failures: int | None = Field(default=None, ge=0)
-    min_finished: int | None = Field(default=None, ge=0)
-    device_deadline_s: float | None = Field(default=None, gt=0)
+    max_failures: int | None = Field(default=None, ge=0, le=MAX_DEVICE_COUNT)
+    min_finished: int | None = Field(default=None, ge=0, le=MAX_DEVICE_COUNT)
+    device_deadline_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     on_failure: FailureAction | None = None
 
 
@@ -102,11 +116,11 @@ class _Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gate: GateMode = GateMode.AUTO
-    bake_s: float = Field(default=60.0, ge=0)
+    bake_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
     success_threshold: float = Field(default=0.95, gt=0, le=1)
-    max_failures: int | None = Field(default=None, ge=0)
-    min_finished: int = Field(default=1, ge=0)
-    device_deadline_s: float = Field(default=900.0, gt=0)
+    max_failures: int | None = Field(default=None, ge=0, le=MAX_DEVICE_COUNT)
+    min_finished: int = Field(default=1, ge=0, le=MAX_DEVICE_COUNT)
+    device_deadline_s: float = Field(default=900.0, gt=0, le=MAX_DURATION_S)
     on_failure: FailureAction = FailureAction.ROLL_BACK
 
 
@@ -115,12 +129,15 @@ class _PolicyInput(BaseModel):
 
     name: str = Field(default="custom", min_length=1, max_length=64)
     defaults: _Defaults = Field(default_factory=_Defaults)
-    stages: list[_StageInput] = Field(min_length=1)
+    stages: list[_StageInput] = Field(min_length=1, max_length=MAX_STAGES)
     seed: str = Field(default="", max_length=200)
-    skip_offline: bool = True
-    four_eyes: bool = True
-    lab_devices_first: bool = False
-    dispatch_rate_per_s: float | None = Field(default=None, gt=0)
+    # Strict, so that a quoted "yes" is an error rather than true.
+    skip_offline: StrictBool = True
+    four_eyes: StrictBool = True
+    lab_devices_first: StrictBool = False
+    dispatch_rate_per_s: float | None = Field(
+        default=None, gt=0, le=MAX_DISPATCH_RATE_PER_S
+    )
 
 
 def resolve_policy(document: Any, source: str | None = None) -> RolloutPolicy:
@@ -223,7 +240,7 @@ def _policy_error(problems: list[PolicyProblem], source: str | None) -> PolicyEr
     hidden = len(problems) - len(shown)
     if hidden:
         shown.append(PolicyProblem("policy", None, f"{hidden} more problems not shown"))
-    return PolicyError.from_problems(shown, source)
+    return PolicyError.from_problems(shown, source, total_problems=len(problems))
 
 
 def load_policy(path: Path | None = None, text: str | None = None) -> RolloutPolicy:

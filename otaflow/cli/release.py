@@ -145,7 +145,7 @@ def _describe_policy_error(error: PolicyError) -> str:
         return f"{option}: {error.message}"
     if len(error.problems) == 1:
         return f"{option}: {error.problems[0]} (see {POLICY_DOCS})"
-    lines = [f"{option}: {len(error.problems)} problems (see {POLICY_DOCS}):"]
+    lines = [f"{option}: {error.total_problems} problems (see {POLICY_DOCS}):"]
     lines += [f"  {problem}" for problem in error.problems]
     return "\n".join(lines)
 

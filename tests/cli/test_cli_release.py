@@ -513,7 +513,7 @@ def test_release_list_aligns_columns(
     run_cli(*_start_args(image_file, product))
     # Other hardware, because a second release of the same product and
     # hardware is rejected while the first one runs.
-    wide = _start_args(image_file, product)[:-1] + ["10.20.30"]
+    wide = [*_start_args(image_file, product)[:-1], "10.20.30"]
     wide[wide.index("hw1")] = "hw-wide"
     run_cli(*wide)
 

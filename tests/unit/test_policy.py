@@ -9,6 +9,8 @@ import pytest
 
 from otaflow.errors import PolicyError
 from workflows.policy import (
+    MAX_DURATION_S,
+    MAX_STAGES,
     FailureAction,
     FailureSample,
     GateMode,
@@ -277,6 +279,63 @@ def test_policy_problems_stop_at_ten() -> None:
     lines = caught.value.message.splitlines()
     assert len(lines) == 11
     assert lines[-1] == "policy: 5 more problems not shown"
+    assert caught.value.total_problems == 15
+
+
+@pytest.mark.parametrize(
+    ("document", "field"),
+    [
+        (
+            {"defaults": {"device_deadline_s": 99999999999}},
+            "defaults.device_deadline_s",
+        ),
+        ({"defaults": {"bake_s": 1e14}}, "defaults.bake_s"),
+        (
+            {"stages_extra": {"device_deadline_s": 31 * 86400}},
+            "stages[0].device_deadline_s",
+        ),
+        ({"stages_extra": {"min_devices": 10**12}}, "stages[0].min_devices"),
+        ({"dispatch_rate_per_s": 10**9}, "dispatch_rate_per_s"),
+    ],
+)
+def test_policy_value_above_maximum_is_error(
+    document: dict[str, Any], field: str
+) -> None:
+    stage: dict[str, Any] = {"name": "all", "percent": 100}
+    stage |= document.pop("stages_extra", {})
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({**document, "stages": [stage]})
+
+    assert caught.value.field == field
+    assert " is above " in caught.value.message
+
+
+def test_policy_thirty_day_deadline_loads() -> None:
+    stage = {"name": "all", "percent": 100, "device_deadline_s": MAX_DURATION_S}
+
+    policy = resolve_policy({"stages": [stage]})
+
+    assert policy.stages[0].device_deadline_s == MAX_DURATION_S
+
+
+def test_policy_too_many_stages_is_error() -> None:
+    stages = [
+        {"name": f"s{n}", "percent": (n + 1) * 100 / (MAX_STAGES + 1)}
+        for n in range(MAX_STAGES + 1)
+    ]
+
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({"stages": stages})
+
+    assert caught.value.field == "stages"
+
+
+def test_policy_quoted_yes_is_not_boolean() -> None:
+    with pytest.raises(PolicyError) as caught:
+        resolve_policy({"four_eyes": "yes", "stages": [{"name": "a", "percent": 100}]})
+
+    assert caught.value.field == "four_eyes"
 
 
 def test_policy_error_names_source_file() -> None:
