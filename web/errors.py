@@ -171,6 +171,15 @@ async def _service_unavailable(request: Request, error: Exception) -> JSONRespon
 async def _request_validation(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        # The location of a JSON syntax error is a character offset, not a field.
+        detail = first.get("ctx", {}).get("error", "syntax error")
+        return error_response(
+            422,
+            f"invalid JSON body ({detail}); send a JSON object, such as"
+            ' {"comment": "..."}, with Content-Type: application/json',
+            field="body",
+        )
     location = [str(part) for part in first.get("loc", ())]
     # The first part of a location is where the value came from: body, query, path.
     field = ".".join(location[1:]) or (location[0] if location else None)

@@ -269,3 +269,38 @@ def test_action_on_finished_release_is_409(
 
     assert response.status_code == 409
     assert "no running workflow" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "field"),
+    [
+        ("abort", {"comment": "x", "roll_back": "yes"}, "roll_back"),
+        ("abort", {"comment": "x", "rollback": True}, "rollback"),
+        ("pause", {"comment": "x", "until": "monday"}, "until"),
+        ("reject", {"comment": 5}, "comment"),
+    ],
+)
+def test_action_body_strict_is_422(
+    client: TestClient, tokens: Tokens, action: str, body: dict[str, Any], field: str
+) -> None:
+    response = client.post(
+        f"/api/v1/releases/p:hw1:1.0.0/{action}",
+        headers=bearer(tokens.reviewer),
+        json=body,
+    )
+
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == field
+
+
+def test_action_body_invalid_json_is_422(client: TestClient, tokens: Tokens) -> None:
+    response = client.post(
+        "/api/v1/releases/p:hw1:1.0.0/pause",
+        headers={**bearer(tokens.write), "Content-Type": "application/json"},
+        content=b"{bad json",
+    )
+
+    error = response.json()["error"]
+    assert response.status_code == 422
+    assert error["field"] == "body"
+    assert error["message"].startswith("invalid JSON body")

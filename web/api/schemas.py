@@ -161,20 +161,30 @@ class ReleasePage(Page[ReleaseSummary]):
     pass
 
 
-class ApproveBody(BaseModel):
+class _ActionBody(BaseModel):
+    """A JSON action body: unknown fields and non-boolean flags are errors.
+
+    A misspelled ``rollback`` would otherwise be dropped without a word, and
+    ``"yes"`` coerced to true.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ApproveBody(_ActionBody):
     sha256: Sha256Hex = Field(description="SHA-256 of the artifact being approved.")
     comment: str = Field(default="", max_length=2000)
 
 
-class RejectBody(BaseModel):
+class RejectBody(_ActionBody):
     comment: str = Field(min_length=1, max_length=2000, description="Why.")
 
 
-class PauseBody(BaseModel):
+class PauseBody(_ActionBody):
     comment: str = Field(default="", max_length=2000)
 
 
-class AbortBody(BaseModel):
+class AbortBody(_ActionBody):
     comment: str = Field(min_length=1, max_length=2000, description="Why.")
     roll_back: bool = Field(
         default=False, description="Also roll back devices that installed it."
