@@ -103,6 +103,10 @@ class PolicyError(InvalidInputError):
         )
 
 
+class SettingsError(OtaflowError):
+    """An ``OTAFLOW_*`` setting has an invalid value."""
+
+
 class ConflictError(OtaflowError):
     """The request contradicts stored state, for example a reused version."""
 

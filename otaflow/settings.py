@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from otaflow.errors import SettingsError
 
 ENV_FILE_NAME = "otaflow.env"
 SEVEN_DAYS_S = 7 * 24 * 3600
@@ -242,9 +245,28 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment, the state dir's env file and overrides."""
+    """Build settings from the environment, the state dir's env file and overrides.
+
+    Raises ``SettingsError`` naming each invalid variable, its value and the
+    rule it breaks.
+    """
     env_file = _state_dir_from_environment() / ENV_FILE_NAME
     state_dir = overrides.get("state_dir")
     if isinstance(state_dir, str | Path):
         env_file = Path(state_dir) / ENV_FILE_NAME
-    return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        problems = [_describe_setting_error(detail) for detail in error.errors()]
+        raise SettingsError(
+            "; ".join(problems) + f"; fix the environment or {env_file}"
+        ) from None
+
+
+def _describe_setting_error(detail: ErrorDetails) -> str:
+    location = detail.get("loc", ())
+    name = str(location[0]) if location else "setting"
+    variable = f"{Settings.model_config.get('env_prefix', '')}{name}".upper()
+    value = detail.get("input")
+    shown = f"{value!r}" if isinstance(value, str) else "(missing)"
+    return f"invalid {variable}={shown}: {detail.get('msg', 'invalid value')}"

@@ -8,7 +8,12 @@ import typer
 from typer.core import TyperGroup
 
 from otaflow.cli import demo, dev, devices, keys, release, sim, tokens, users
-from otaflow.errors import ConflictError, InvalidInputError, OtaflowError
+from otaflow.errors import (
+    ConflictError,
+    InvalidInputError,
+    OtaflowError,
+    SettingsError,
+)
 
 # Help stays plain click text, which wraps long option names and defaults at
 # any terminal width; typer's rich panels cut them at 80 columns.
@@ -60,4 +65,8 @@ app.command(short_help="Start the stack and a fleet, then release U-Boot in wave
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SettingsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
