@@ -161,8 +161,9 @@ def create_user(
     with session_scope(engine) as session:
         if _find_by_name(session, name) is not None:
             raise ConflictError(
-                f"user {name!r} exists already; choose another name, or change"
-                " that user's role instead"
+                f"user {name!r} exists already; choose another name, change"
+                " the user's role on the portal's Users page, or set a new"
+                f" password with 'otaflow users set-password {name}'"
             )
         user = User(
             name=name, role=role, password_hash=password_hash, created_by=created_by

@@ -29,7 +29,7 @@ from device_sim.identity import IdentityStore
 from otaflow.cli.database import open_database
 from otaflow.enrollment import create_enrollment_tokens
 from otaflow.errors import InvalidInputError
-from otaflow.identifiers import parse_name
+from otaflow.identifiers import parse_name, parse_version
 from otaflow.pki import write_private_bytes
 from otaflow.settings import Settings, load_settings
 
@@ -131,6 +131,7 @@ def start(
     ] = None,
 ) -> None:
     """Start a simulated fleet in the background and wait until it is connected."""
+    _check_fleet_options(product, hardware, version, crash_on_version)
     settings = load_settings()
     paths = FleetPaths.of(settings, _checked_name(name))
     pid = paths.running_pid()
@@ -345,6 +346,24 @@ def _fleet_names(settings: Settings) -> list[str]:
     sim_dir = settings.state_dir / "sim"
     known = {path.name for path in sim_dir.iterdir()} if sim_dir.is_dir() else set()
     return sorted(running | known)
+
+
+def _check_fleet_options(
+    product: str, hardware: str, version: str, crash_on_version: str | None
+) -> None:
+    """Check the fleet's names and versions before any process starts."""
+    checks = [
+        ("--product", product, parse_name),
+        ("--hardware", hardware, parse_name),
+        ("--version", version, parse_version),
+    ]
+    if crash_on_version is not None:
+        checks.append(("--crash-on-version", crash_on_version, parse_version))
+    for option, value, parse in checks:
+        try:
+            parse(option, value)
+        except InvalidInputError as error:
+            raise typer.BadParameter(error.message, param_hint=option) from None
 
 
 def _checked_name(name: str) -> str:

@@ -88,7 +88,7 @@ def add(
         raise typer.Exit(2) from None
     except ConflictError as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     typer.echo(f"added user {user.name} with role {user.role}")
 
 

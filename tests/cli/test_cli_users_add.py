@@ -1,4 +1,4 @@
-"""``otaflow users add``: where the password comes from."""
+"""``otaflow users add``: where the password comes from, and name conflicts."""
 
 from __future__ import annotations
 
@@ -43,3 +43,22 @@ def test_users_add_password_stdin_adds_user(
 
     assert result.exit_code == 0, result.output
     assert result.stdout == f"added user {name} with role viewer\n"
+
+
+def test_users_add_existing_name_exits_2(
+    cli_settings: Settings, tmp_path: Path
+) -> None:
+    name = f"u{secrets.token_hex(4)}"
+    environment = {
+        "OTAFLOW_STATE_DIR": str(tmp_path / "state"),
+        "OTAFLOW_DATABASE_URL": cli_settings.resolved_database_url,
+    }
+    arguments = ["users", "add", name, "--password-stdin"]
+    CliRunner().invoke(cli_app, arguments, input=PASSWORD + "\n", env=environment)
+
+    result = CliRunner().invoke(
+        cli_app, arguments, input=PASSWORD + "\n", env=environment
+    )
+
+    assert result.exit_code == 2
+    assert f"otaflow users set-password {name}" in result.stderr
