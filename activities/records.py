@@ -11,7 +11,12 @@ from temporalio import activity
 from activities.target_queries import count_failures, count_wave
 from otaflow.db import dialect_insert, session_scope
 from otaflow.models import Release, ReleaseEvent, ReleaseWave, utc_now
-from workflows.messages import ReleaseRecord, ReleaseRequest, WaveSummary
+from workflows.messages import (
+    ACTIVE_WAVE_STATES,
+    ReleaseRecord,
+    ReleaseRequest,
+    WaveSummary,
+)
 
 
 class RecordActivities:
@@ -54,6 +59,15 @@ class RecordActivities:
                         col(ReleaseWave.state) == "planned",
                     )
                     .values(state="not_started")
+                )
+                # Waves it left in the middle, such as at an abort.
+                session.execute(
+                    update(ReleaseWave)
+                    .where(
+                        col(ReleaseWave.release_id) == record.release_id,
+                        col(ReleaseWave.state).in_(ACTIVE_WAVE_STATES),
+                    )
+                    .values(state="stopped")
                 )
             if record.wave is not None:
                 _write_wave(session, record.release_id, record.wave, now)

@@ -65,6 +65,10 @@ FINAL_PHASES = frozenset(
     }
 )
 
+# Wave states of a wave that has started and not yet been decided. When the
+# release ends (aborted, rejected, failed), such a wave becomes "stopped".
+ACTIVE_WAVE_STATES = frozenset({"gate", "held", "dispatching", "monitoring", "baking"})
+
 
 class ReleaseRequest(_Model):
     """Everything a release needs; the API builds it after storing the upload."""

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         VERSION_ATTRIBUTE,
     )
     from workflows.messages import (
+        ACTIVE_WAVE_STATES,
         FINAL_PHASES,
         RELEASE_WORKFLOW_NAME,
         AbortRequest,
@@ -503,6 +504,10 @@ class ReleaseWorkflow:
         for wave in self._waves:
             if wave.state == "planned":
                 self._update_wave(wave.index, state="not_started")
+            elif wave.state in ACTIVE_WAVE_STATES:
+                self._update_wave(
+                    wave.index, state="stopped", reason=f"stopped: release {phase}"
+                )
         await self._enter(phase, stage, reason, final=True)
         # An update handler may still be writing its timeline entry.
         await workflow.wait_condition(workflow.all_handlers_finished)

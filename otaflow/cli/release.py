@@ -478,9 +478,14 @@ def _status_lines(detail: dict[str, Any]) -> Iterator[str]:
             if wave.get("decision")
             else ""
         )
-        yield f"  wave {wave['index'] + 1} {wave['name']}: {wave['state']}{decision}"
+        state = wave["state"].replace("_", " ")
+        yield f"  wave {wave['index'] + 1} {wave['name']}: {state}{decision}"
     for event in detail.get("events", [])[-5:]:
-        yield f"  {event['at']} {event['stage']}: {event['message']}"
+        # Most messages start with their stage's name already.
+        message = event["message"]
+        if not message.startswith(f"{event['stage']}: "):
+            message = f"{event['stage']}: {message}"
+        yield f"  {event['at']} {message}"
     if detail.get("progress_error"):
         yield f"  live progress unavailable: {detail['progress_error']}"
     yield f"  portal: {detail['links']['portal']}"

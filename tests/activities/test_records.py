@@ -25,7 +25,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         engine.dispose()
 
 
-def seed(engine: Engine) -> str:
+def seed(
+    engine: Engine, wave_states: tuple[str, ...] = ("failed", "planned", "planned")
+) -> str:
     release_id = f"gw{secrets.token_hex(4)}:hw:2.0.0"
     with session_scope(engine) as session:
         session.add(
@@ -41,7 +43,7 @@ def seed(engine: Engine) -> str:
                 started_by="token:ci",
             )
         )
-        for index, state in enumerate(["failed", "planned", "planned"]):
+        for index, state in enumerate(wave_states):
             session.add(
                 ReleaseWave(
                     release_id=release_id,
@@ -120,3 +122,17 @@ async def test_record_retry_writes_event_once(engine: Engine) -> None:
             select(func.count()).where(ReleaseEvent.release_id == release_id)
         ).one()
     assert count == 1
+
+
+async def test_record_final_stops_waves_in_progress(engine: Engine) -> None:
+    release_id = seed(engine, ("promoted", "monitoring", "planned"))
+    await ActivityEnvironment().run(
+        RecordActivities(engine).record_release, final_record(release_id)
+    )
+    with Session(engine) as session:
+        states = session.exec(
+            select(ReleaseWave.state)
+            .where(ReleaseWave.release_id == release_id)
+            .order_by(ReleaseWave.wave_index)  # type: ignore[arg-type]
+        ).all()
+    assert list(states) == ["promoted", "stopped", "not_started"]

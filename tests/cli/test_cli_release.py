@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from otaflow.cli.release import _status_lines
 from otaflow.models import Release
 from otaflow.settings import Settings
 from tests.cli.conftest import CliRun, CliTokens
@@ -623,3 +624,33 @@ def test_release_approve_with_ci_token_fails(
     assert result.exit_code != 0
     assert "HTTP 403" in result.stderr
     assert "releases:approve" in result.stderr
+
+
+def test_status_lines_name_stage_once() -> None:
+    detail = {
+        "release_id": "p:hw1:1.0.0",
+        "phase": "aborted",
+        "wave_count": 2,
+        "current_wave": None,
+        "targeted_devices": 3,
+        "succeeded_devices": 0,
+        "failed_devices": 0,
+        "sha256": "ab" * 32,
+        "started_by": "token:ci",
+        "waves": [
+            {"index": 0, "name": "canary", "state": "stopped", "decision": None},
+            {"index": 1, "name": "fleet", "state": "not_started", "decision": None},
+        ],
+        "events": [
+            {"at": "t1", "stage": "canary", "message": "canary: sending"},
+            {"at": "t2", "stage": "abort", "message": "aborted by alice"},
+        ],
+        "links": {"portal": "http://portal"},
+    }
+
+    lines = list(_status_lines(detail))
+
+    assert "  wave 1 canary: stopped" in lines
+    assert "  wave 2 fleet: not started" in lines
+    assert "  t1 canary: sending" in lines
+    assert "  t2 abort: aborted by alice" in lines

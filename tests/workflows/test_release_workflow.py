@@ -349,6 +349,11 @@ async def test_abort_while_monitoring_cancels_the_wave(
     assert fleet.called("cancel_wave") == [0]
     assert fleet.called("dispatch_rollback") == []
     assert "wrong build" in result.reason
+    assert [wave.state for wave in result.waves] == [
+        "stopped",
+        "not_started",
+        "not_started",
+    ]
 
 
 async def test_abort_with_rollback_rolls_back(

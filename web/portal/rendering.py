@@ -49,6 +49,7 @@ STATE_TONES = {
     "rolling_back": "bad",
     "rejected": "bad",
     "aborted": "bad",
+    "stopped": "bad",
     "verifying": "active",
     "signing": "active",
     "storing": "active",
