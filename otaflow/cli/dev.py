@@ -35,7 +35,8 @@ def configure_logging() -> None:
 @app.command()
 def up(
     service: Annotated[
-        list[str] | None, typer.Option("--service", "-s", help=SERVICES_HELP)
+        list[str] | None,
+        typer.Option("--service", "-s", metavar="SERVICE", help=SERVICES_HELP),
     ] = None,
 ) -> None:
     """Start the local stack, or the named services, and print their URLs."""
@@ -52,7 +53,8 @@ def up(
 @app.command()
 def down(
     service: Annotated[
-        list[str] | None, typer.Option("--service", "-s", help=SERVICES_HELP)
+        list[str] | None,
+        typer.Option("--service", "-s", metavar="SERVICE", help=SERVICES_HELP),
     ] = None,
 ) -> None:
     """Stop the local stack (and every simulated fleet), or the named services."""

@@ -30,7 +30,10 @@ app = typer.Typer(
 
 
 def _invalid(error: InvalidInputError) -> typer.Exit:
-    typer.echo(f"error: {error.field} {error.value!r}: {error.message}", err=True)
+    value = f" {error.value!r}"
+    if value.strip() in error.message:
+        value = ""
+    typer.echo(f"error: {error.field}{value}: {error.message}", err=True)
     return typer.Exit(2)
 
 
