@@ -268,5 +268,5 @@ def _describe_setting_error(detail: ErrorDetails) -> str:
     name = str(location[0]) if location else "setting"
     variable = f"{Settings.model_config.get('env_prefix', '')}{name}".upper()
     value = detail.get("input")
-    shown = f"{value!r}" if isinstance(value, str) else "(missing)"
-    return f"invalid {variable}={shown}: {detail.get('msg', 'invalid value')}"
+    quoted = f"{value!r}" if isinstance(value, str) else "(missing)"
+    return f"invalid {variable}={quoted}: {detail.get('msg', 'invalid value')}"
