@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -399,6 +400,12 @@ def test_stack_down_stops_simulated_fleet(tmp_path: Path) -> None:
     )
     pid_file = settings.run_dir / "sim-demo.pid"
     pid_file.write_text(f"{fleet.pid}\n")
+    # Until the child has exec'd, its command line is still this process's,
+    # which the stack does not take for a fleet.
+    cmdline = Path(f"/proc/{fleet.pid}/cmdline")
+    deadline = time.monotonic() + 5
+    while b"device_sim" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
     LocalStack(settings).down()
 
