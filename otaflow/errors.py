@@ -55,7 +55,7 @@ class PolicyProblem:
 class PolicyError(InvalidInputError):
     """A rollout policy is invalid.
 
-    ``problems`` lists every invalid field that was found; the first one
+    ``problems`` lists every invalid field that was found. The first one
     gives ``field`` and ``value``, and ``message`` has one line per problem,
     each starting with its field. A policy that is not YAML, or not a
     mapping, has no problems and a message of its own. ``source`` is the

@@ -83,7 +83,7 @@ def parse_release_draft(
 
 
 def format_binary_size(size_bytes: int) -> str:
-    """A size in the largest binary unit that keeps it at 1 or more: ``64 MiB``."""
+    """Format a size in the largest binary unit that keeps it at 1 or more."""
     if size_bytes < 1024:
         return f"{size_bytes} bytes"
     size = float(size_bytes)

@@ -735,7 +735,7 @@ def _policy_difference(
 def _first_difference(
     stored: object, requested: object, path: str = ""
 ) -> tuple[str, object, object] | None:
-    """The path and both values of the first leaf where two JSON values differ."""
+    """Return the path and both values where two JSON values first differ."""
     if isinstance(stored, dict) and isinstance(requested, dict):
         keys = [*stored, *(key for key in requested if key not in stored)]
         for key in keys:

@@ -23,7 +23,7 @@ TOKEN_PREFIX = "otf_"
 
 
 class Scope(StrEnum):
-    """What a token may do; ``IMPLIED_SCOPES`` lists what each includes."""
+    """A permission of a token; ``IMPLIED_SCOPES`` lists what each one includes."""
 
     RELEASES_READ = "releases:read"
     # Start, pause, resume and abort releases.

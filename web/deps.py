@@ -106,7 +106,7 @@ def require_approve(token: TokenDep) -> ApiToken:
 
 
 def _require_scope(token: ApiToken, scope: Scope) -> ApiToken:
-    """Return the token if it holds ``scope``, directly or implied by another."""
+    """Return the token if it has ``scope``, directly or implied by another."""
     if scope not in granted_scopes(token.scopes):
         logger.info("token %s (id %s) lacks scope %s", token.name, token.id, scope)
         raise ApiError(

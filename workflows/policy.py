@@ -186,7 +186,7 @@ def stage_order_problems(
 ) -> list[PolicyProblem]:
     """Find stage names used twice and percentages that do not increase.
 
-    ``stages`` holds each stage's name and percent as written. A name that is
+    ``stages`` contains each stage's name and percent as written. A name that is
     not text, or a percent that is not a number from above 0 to 100, is left
     to the field checks, which report it.
     """

@@ -1,4 +1,4 @@
-"""Rollout policy errors in words that say what to change.
+"""Rollout policy errors in words that name what to change.
 
 pydantic and PyYAML describe errors in their own terms ("Extra inputs are not
 permitted", ``in "<unicode string>"``). This module turns each error into a
@@ -111,7 +111,7 @@ def format_location(location: tuple[int | str, ...]) -> str:
 
 
 def show_value(value: object) -> str:
-    """A value as a policy's author wrote it: ``95``, ``0.5``, ``'fast'``, ``null``."""
+    """Format a value as a policy's author wrote it: ``95``, ``'fast'``, ``null``."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
     if isinstance(value, float):
@@ -176,7 +176,7 @@ def _unknown_field_message(name: str, model: type[BaseModel] | None) -> str:
 
 
 def _closest_field(name: str, known: list[str]) -> str | None:
-    """The known field that ``name`` abbreviates, extends or nearly spells."""
+    """Return the known field that ``name`` abbreviates, extends or nearly spells."""
     if not name:
         return None
     for field in known:
@@ -193,7 +193,7 @@ def _missing_message(location: tuple[int | str, ...]) -> str:
 
 
 def _value_error(details: ErrorDetails, field: str) -> PolicyProblem:
-    """A model validator's error, whose message may start with its own field."""
+    """Describe a model validator's error, whose message may start with its field."""
     message = details["msg"].removeprefix("Value error, ")
     named_field, separator, rest = message.partition(": ")
     if separator and named_field.startswith("stages["):
@@ -206,7 +206,7 @@ def _value_error(details: ErrorDetails, field: str) -> PolicyProblem:
 def _model_at(
     model: type[BaseModel], location: tuple[int | str, ...]
 ) -> type[BaseModel] | None:
-    """The model that validates the mapping at ``location`` under ``model``."""
+    """Return the model that validates the mapping at ``location`` in ``model``."""
     current: type[BaseModel] | None = model
     for part in location:
         if isinstance(part, int):
@@ -218,7 +218,7 @@ def _model_at(
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    """The model in an annotation such as ``list[StageInput]`` or ``X | None``."""
+    """Return the model in an annotation such as ``list[StageInput]``."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (list, tuple, types.UnionType, typing.Union):

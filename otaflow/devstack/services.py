@@ -546,7 +546,7 @@ def find_port_problems(
 ) -> list[tuple[PortBinding, str]]:
     """Describe each port that is out of range, used twice or already in use.
 
-    A port used twice comes from two settings with the same value; binding
+    A port used twice comes from two settings with the same value. Binding
     each port once here would not notice it, but the second service to start
     would fail.
     """

@@ -71,6 +71,16 @@ def seed(
     return release_id
 
 
+def wave_states(engine: Engine, release_id: str) -> list[str]:
+    with Session(engine) as session:
+        states = session.exec(
+            select(ReleaseWave.state)
+            .where(ReleaseWave.release_id == release_id)
+            .order_by(ReleaseWave.wave_index)  # type: ignore[arg-type]
+        ).all()
+    return list(states)
+
+
 def final_record(release_id: str, sequence: int = 1) -> ReleaseRecord:
     return ReleaseRecord(
         release_id=release_id,
@@ -101,13 +111,7 @@ async def test_record_final_marks_unreached_waves(engine: Engine) -> None:
     await ActivityEnvironment().run(
         RecordActivities(engine).record_release, final_record(release_id)
     )
-    with Session(engine) as session:
-        states = session.exec(
-            select(ReleaseWave.state)
-            .where(ReleaseWave.release_id == release_id)
-            .order_by(ReleaseWave.wave_index)  # type: ignore[arg-type]
-        ).all()
-    assert list(states) == ["failed", "not_started", "not_started"]
+    assert wave_states(engine, release_id) == ["failed", "not_started", "not_started"]
 
 
 async def test_record_retry_writes_event_once(engine: Engine) -> None:
@@ -129,10 +133,4 @@ async def test_record_final_stops_waves_in_progress(engine: Engine) -> None:
     await ActivityEnvironment().run(
         RecordActivities(engine).record_release, final_record(release_id)
     )
-    with Session(engine) as session:
-        states = session.exec(
-            select(ReleaseWave.state)
-            .where(ReleaseWave.release_id == release_id)
-            .order_by(ReleaseWave.wave_index)  # type: ignore[arg-type]
-        ).all()
-    assert list(states) == ["promoted", "stopped", "not_started"]
+    assert wave_states(engine, release_id) == ["promoted", "stopped", "not_started"]

@@ -526,7 +526,7 @@ def test_start_retry_with_temporal_down_is_503(
     product: str,
 ) -> None:
     # The target groups of a started release are read from its workflow, so a
-    # retry cannot be answered while Temporal is unreachable.
+    # retry fails while Temporal is unreachable.
     post_release(client, tokens.write, product)
     down = app_settings(infra_stack, database_url, temporal_port=free_port())
 

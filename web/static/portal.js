@@ -1,5 +1,5 @@
 // Small enhancements of the otaflow portal. Pages work through htmx
-// attributes; this file checks an image's size before it is sent, and keeps
+// attributes. This file checks an image's size before it is sent, and keeps
 // the release page's actions panel while the user works in it.
 document.addEventListener("change", (event) => {
   const input = event.target;
@@ -53,7 +53,7 @@ document.addEventListener("htmx:oobBeforeSwap", (event) => {
 });
 
 // A result message stays until the user dismisses it. A panel that missed an
-// update asks for the newest state at once, through the poller's trigger.
+// update requests the newest state at once, through the poller's trigger.
 document.addEventListener("click", (event) => {
   const button = event.target.closest("[data-dismiss-notice]");
   if (!button) return;
